@@ -1,0 +1,29 @@
+"""Shared test fixtures: where ../shared is, and a skip when it is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+REFERENCE = SHARED / "reference"
+SHARED_PRESETS = SHARED / "presets"
+
+
+def require_shared(path: Path) -> Path:
+    """Return `path` or skip the test, saying where the shared material is expected."""
+    if not path.exists():
+        pytest.skip(f"shared reference material not found at {path} (expected ../shared beside the checkout)")
+    return path
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    return require_shared(REFERENCE)
+
+
+@pytest.fixture
+def shared_presets_dir() -> Path:
+    return require_shared(SHARED_PRESETS)

@@ -1,0 +1,1 @@
+"""vallexctl: the command-line client for vallexd."""
