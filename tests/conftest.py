@@ -27,3 +27,11 @@ def reference_dir() -> Path:
 @pytest.fixture
 def shared_presets_dir() -> Path:
     return require_shared(SHARED_PRESETS)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny random VALL-E X + Vocos + EnCodec weights in the real file formats (see make_tiny)."""
+    from vallexd.devtools import make_tiny  # imports torch: only tests that use the fixture pay for it
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))

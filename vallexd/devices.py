@@ -1,0 +1,71 @@
+"""Resolve the configured device and dtype names to torch objects, with clear errors at load time."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from vallexd.errors import InvalidArgument, Unavailable
+
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available, else mps if available, else cpu.  An absent device is an error."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m:
+        if not torch.cuda.is_available():
+            raise Unavailable(
+                f"device {name!r} requested but CUDA is not available", reason="DEVICE_UNAVAILABLE"
+            )
+        index = int(m.group(1) or 0)
+        if index >= torch.cuda.device_count():
+            raise Unavailable(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist",
+                reason="DEVICE_UNAVAILABLE",
+            )
+        return torch.device("cuda", index)
+    if name == "mps":
+        if not _mps_available():
+            raise Unavailable("device 'mps' requested but MPS is not available", reason="DEVICE_UNAVAILABLE")
+        return torch.device("mps")
+    raise InvalidArgument(
+        f"unknown device {name!r}; use one of {', '.join(DEVICE_NAMES)}", reason="BAD_DEVICE"
+    )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> float16 on CUDA, float32 elsewhere.  Half precision on CPU is refused (slow, lossy)."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", reason="BAD_DTYPE")
+    dtype = DTYPES[name]
+    if device.type == "cpu" and dtype != torch.float32:
+        raise InvalidArgument(f"dtype {name} is not supported on the CPU; use float32", reason="BAD_DTYPE")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
