@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory):
     from vallexd.devtools import make_tiny  # imports torch: only tests that use the fixture pay for it
 
     return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run a module's in-process torch work single-threaded, then restore the thread count.
+
+    The tiny model's ops are too small to gain from threads; on a shared, loaded 2-core box two
+    OpenMP threads make them ~10x slower (barrier waits). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,7 @@ from vallexd.errors import InvalidArgument, NotFound, TooLarge
 from vallexd.prompts import Prompt
 from vallexd.vocoder import Vocoder, VocoderError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny model's ops are too small to gain from threads; on a shared, loaded 2-core box two
-    OpenMP threads make them ~10x slower (barrier waits), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NetworkUsed(AssertionError):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,7 @@ from vallexd.reference import compare_case, read_cases
 TINY = REFERENCE / "model-tiny"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny model's ops are too small to gain from threads; on a shared, loaded 2-core box two
-    OpenMP threads make them ~10x slower (barrier waits), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def test_kv_cache_equals_full_recomputation(tiny_reference: tuple[VallEX, list[d
 def _run_reference_cli(cases: Path, checkpoint: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vallexd.reference", "model", str(checkpoint), str(cases)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see _one_torch_thread
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see conftest.one_torch_thread
         capture_output=True,
         text=True,
         cwd=ROOT,

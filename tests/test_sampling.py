@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,14 +16,7 @@ from vallexd.prompts import Prompt
 TEXT = [12, 30, 41, 7, 55, 23]  # S = 6 -> at most 96 frames
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny model's ops are too small to gain from threads; on a shared, loaded 2-core box two
-    OpenMP threads make them ~10x slower (barrier waits), so these tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vallexctl.fetch import DigestMismatch, Progress, check_digest, download, sha256_file
+from vallexd import fsutil
 from vallexd.errors import InvalidArgument
 
 BASE_URL_ENV = "VALLEXCTL_MODELS_BASE_URL"
@@ -82,16 +82,7 @@ def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
 def write_manifest(models_dir: Path, files: dict[str, dict[str, Any]]) -> None:
     """Atomic write: a crash leaves the old manifest or the new one, never half of one."""
     body = json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=models_dir, prefix=".manifest.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, models_dir / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsutil.atomic_write(models_dir / MANIFEST, body.encode("utf-8"), prefix=".manifest.")
 
 
 # --------------------------------------------------------------------------- fetch / verify

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import click
 
 from vallexctl.client import DaemonUnreachable
+from vallexd import fsutil
 from vallexd.errors import ErrorCode, InvalidArgument, NotFound, VallexError
 
 # Documented in the README ("Exit codes").
@@ -120,21 +120,9 @@ def note(message: str) -> None:
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename: a failure never leaves half a WAV."""
     path = Path(path)
-    directory = check_writable_dir(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes 0600; give the file the permissions a normal `open()` would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    check_writable_dir(path)
+    # mode None: the permissions a normal `open()` would give, with a ".part" temp a user recognises.
+    fsutil.atomic_write(path, data, mode=None, suffix=".part")
 
 
 def check_writable_dir(path: Path) -> Path:

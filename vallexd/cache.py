@@ -22,12 +22,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vallexd import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -87,38 +88,9 @@ def relative_url_path(key: str) -> str:
     return f"{key[:2]}/{key}.wav"
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable; some filesystems refuse fsync on dirs: ignore that."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
-    """Write via a temp file in the same folder + fsync + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            view = memoryview(data)
-            # Chunked so a huge result does not need a second full copy in the kernel call.
-            for start in range(0, len(view), 1 << 20):
-                fh.write(view[start : start + (1 << 20)])
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """Atomic write with the cache's temp naming, so `sweep` can find a crash's leftovers."""
+    fsutil.atomic_write(path, data, mode=mode, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
 
 
 @dataclass(frozen=True)

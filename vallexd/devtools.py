@@ -16,9 +16,8 @@ The tiny model is the accepted stand-in for the 1.5 GB checkpoint in tests and `
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,9 @@ import torch
 import yaml
 from encodec import EncodecModel
 
+from vallexd import fsutil
 from vallexd.codec import build_encodec_24khz
 from vallexd.model import ModelConfig, VallEX
-from vallexd.prompts import write_atomic
 
 CHECKPOINT_NAME = "vallex-checkpoint.pt"
 VOCOS_DIR_NAME = "vocos-encodec-24khz"
@@ -74,17 +73,9 @@ def vocos_config(dim: int = 384, intermediate_dim: int = 1152, num_layers: int =
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary readable files
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fsutil.atomic_write(path, buf.getvalue())
 
 
 def random_encodec() -> EncodecModel:
@@ -140,7 +131,7 @@ def make_tiny(
     _torch_save_atomic({"model": state, "config": meta}, paths.checkpoint)
     _torch_save_atomic(encodec.state_dict(), paths.encodec)
     _torch_save_atomic(vocos_state, vocos_dir / "pytorch_model.bin")
-    write_atomic(vocos_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    fsutil.atomic_write(vocos_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
     return paths
 
 

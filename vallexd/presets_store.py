@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from vallexd import prompts
-from vallexd.cache import fsync_dir
 from vallexd.errors import AlreadyExists, NotFound, PermissionDenied, TooLarge, VallexError
+from vallexd.fsutil import fsync_dir
 from vallexd.validate import is_valid_name, validate_name
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class PresetStore:
             return len(index)
 
     def _sweep_leftovers(self) -> None:
-        """Remove temp files a crash in `prompts.write_atomic` left in the install dir."""
+        """Remove temp files a crash in `fsutil.atomic_write` (via `save_prompt`) left in the install dir."""
         try:
             with os.scandir(self.install_dir) as it:
                 leftovers = [e.path for e in it if e.name.startswith(".") and e.name.endswith(".tmp")]

@@ -15,17 +15,15 @@ published presets use 5..69, and any id below 2048 is a valid model input.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vallexd import fsutil
 from vallexd.errors import InvalidArgument, NotFound
 
 LANG_CODES: dict[str, int] = {"zh": 0, "ja": 1, "en": 2}
@@ -133,34 +131,6 @@ def prompt_to_bytes(prompt: Prompt) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync, rename: never a half file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; prompt files are shared, readable data
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable.
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def save_prompt(prompt: Prompt, path: Path) -> None:
     if prompt.language not in LANG_CODES:
         raise _bad(Path(path).name, f"language {prompt.language!r} is not one of en, zh, ja")
@@ -170,7 +140,7 @@ def save_prompt(prompt: Prompt, path: Path) -> None:
         np.asarray(LANG_CODES[prompt.language]),
         Path(path).name,
     )
-    write_atomic(Path(path), prompt_to_bytes(prompt))
+    fsutil.atomic_write(Path(path), prompt_to_bytes(prompt), mode=0o644)  # shared, readable data
 
 
 def prompt_digest(prompt: Prompt) -> str:

@@ -1,0 +1,67 @@
+"""Crash-safe file writes, shared by the cache, prompt files, tools and the client (torch-free).
+
+A reader (the static server, a client, the next daemon start) must see either the old file or the
+new one, never half of one: write a temp file in the destination's folder (same filesystem, so the
+rename is atomic), fsync it, `os.replace` it over the target, then fsync the folder so the rename
+itself survives a power cut.  Temp names start with "." so scans of `*.npz`/`*.wav` never pick them
+up; callers that sweep leftovers at start pass their own prefix/suffix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable; some filesystems refuse fsync on folders: ignore that."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int | None = 0o644,
+    prefix: str | None = None,
+    suffix: str = ".tmp",
+) -> None:
+    """Write `data` to `path` atomically.
+
+    `mode` None gives what a plain `open()` would (0o666 less the umask); mkstemp alone makes 0600.
+    The temp file is `<prefix>XXXX<suffix>` in `path`'s folder, prefix defaulting to `.<name>.`.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            view = memoryview(data)
+            # Chunked so a large result does not need a second full copy in one kernel call.
+            for start in range(0, len(view), _CHUNK):
+                fh.write(view[start : start + _CHUNK])
+            fh.flush()
+            if mode is None:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
