@@ -81,6 +81,18 @@ def test_interrupted_download_resumes_with_range(files: tuple[FileServer, bytes]
     assert server.requests_for("/blob.bin") == [None, "bytes=100000-"]
 
 
+def test_complete_part_file_is_kept_not_downloaded_again(files: tuple[FileServer, bytes],
+                                                         tmp_path: Path) -> None:
+    """A run stopped between the last byte and the rename: the server answers 416 `bytes */N` with
+    N == our size, so the part file is verified and renamed instead of fetched again."""
+    server, blob = files
+    dest = tmp_path / "blob.bin"
+    part_path(dest).write_bytes(blob)
+    result = download(f"{server.url}/blob.bin", dest, sha256=sha(blob), retries=0)
+    assert dest.read_bytes() == blob and result.resumed
+    assert server.requests_for("/blob.bin") == [f"bytes={len(blob)}-"]
+
+
 def test_dropped_connection_retried_within_one_call(files: tuple[FileServer, bytes], tmp_path: Path) -> None:
     server, blob = files
     server.drop["/blob.bin"] = (50_000, 2)  # two drops, then the rest

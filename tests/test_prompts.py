@@ -179,3 +179,23 @@ def test_prompts_module_is_torch_free() -> None:
     code = "import sys, vallexd.prompts; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_zip_bomb_refused_before_inflating() -> None:
+    """A small compressed upload must not unpack into a huge array (daemon memory, AR cache size)."""
+    arrays = _good_arrays()
+    arrays["audio_tokens"] = np.zeros((1, 2_000_000, 8), dtype=np.int64)  # 128 MB of zeros
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    data = buf.getvalue()
+    assert len(data) < 1 << 20  # compresses to a few hundred kB
+    _refused(data, "audio_tokens unpacks to")
+
+
+def test_prompt_length_caps() -> None:
+    arrays = _good_arrays()
+    arrays["audio_tokens"] = np.zeros((1, 2251, 8), dtype=np.int64)
+    _refused(_npz(**arrays), "2251 frames")
+    arrays = _good_arrays()
+    arrays["text_tokens"] = np.full((1, 1025), 10, dtype=np.int64)
+    _refused(_npz(**arrays), "1025 tokens")

@@ -155,3 +155,14 @@ def test_bad_sampling_is_refused(engine: Engine, sampling: SamplingParams) -> No
     with pytest.raises(InvalidArgument) as info:
         engine.generate_codes([5, 6], "en", None, sampling)
     assert info.value.reason == "BAD_SAMPLING"
+
+
+def test_tiny_temperature_is_refused_not_a_crash() -> None:
+    """float32 logits / 1e-300 overflow to inf -> NaN softmax: refuse below MIN_TEMPERATURE instead."""
+    from vallexd.engine import MIN_TEMPERATURE, SamplingParams, _check_sampling
+    from vallexd.errors import InvalidArgument
+
+    _check_sampling(SamplingParams(temperature=MIN_TEMPERATURE))
+    with pytest.raises(InvalidArgument) as info:
+        _check_sampling(SamplingParams(temperature=1e-300))
+    assert info.value.reason == "BAD_SAMPLING"

@@ -305,6 +305,8 @@ BAD_PARAMS: list[tuple[dict[str, Any], type[VallexError], str]] = [
     ({"text": "Hi.", "seed": 1.5}, InvalidArgument, "BAD_TYPE"),
     ({"text": "Hi.", "temperature": 0}, InvalidArgument, "OUT_OF_RANGE"),
     ({"text": "Hi.", "temperature": float("nan")}, InvalidArgument, "OUT_OF_RANGE"),
+    ({"text": "Hi.", "temperature": 0.001}, InvalidArgument, "OUT_OF_RANGE"),  # float32 logits/T overflow
+    ({"text": "Hi.", "temperature": 10**400}, InvalidArgument, "OUT_OF_RANGE"),  # float() OverflowError
     ({"text": "Hi.", "long": "yes"}, InvalidArgument, "BAD_TYPE"),
     ({"text": "Hi.", "return": "file"}, InvalidArgument, "BAD_VALUE"),
     ({"text": "Hi.", "fresh": 1}, InvalidArgument, "BAD_TYPE"),
@@ -406,3 +408,59 @@ async def test_model_load_failure(tmp_path: Path, tiny_models: Any) -> None:
         await service.synthesize({"text": "Hi."}, peer="t")
     await service.drain(0)
 
+
+
+async def test_long_budget_is_part_of_the_cache_key(tmp_path: Path, engine: Any) -> None:
+    text = "Go home now. Be very calm."
+    keys = []
+    for budget in (16, 200):
+        service = await started(make_config(tmp_path, None, long_budget=budget), engine)
+        try:
+            result = await service.synthesize({"text": text, "language": "en", "seed": 1}, peer="t")
+            assert result["cached"] is False  # a stale entry from the other budget must not be served
+            keys.append((result["cache_key"], result["pieces"]))
+        finally:
+            await service.drain(1.0)
+    assert keys[0][0] != keys[1][0] and keys[0][1] == 2 and keys[1][1] == 1
+
+
+async def test_damaged_cache_entry_is_regenerated(tmp_path: Path, engine: Any) -> None:
+    service = await started(make_config(tmp_path, None), engine)
+    try:
+        params = {"text": "Hi.", "language": "en", "seed": 3}
+        first = await service.synthesize(params, peer="t")
+        path = Path(first["path"])
+        path.write_bytes(b"RIFF" + b"\xff" * 60)  # a RIFF header, then junk: not a readable WAV
+        again = await service.synthesize(params, peer="t")
+        assert again["cached"] is False and again["audio"] == first["audio"]
+        assert path.read_bytes() == first["audio"]  # the damaged entry was replaced
+    finally:
+        await service.drain(1.0)
+
+
+async def test_text_stage_counts_against_queue_limit_and_skips_cancelled(tmp_path: Path, engine: Any,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    service = await started(make_config(tmp_path, None, queue_limit=1), engine)
+    probe = EngineProbe(engine, monkeypatch)
+    hold = threading.Event()
+    blocker = asyncio.get_running_loop().run_in_executor(service._text_executor, hold.wait, 30)
+    try:
+        gone = asyncio.Event()
+        first = asyncio.ensure_future(service.synthesize({"text": "Hi.", "language": "en"}, peer="a",
+                                                         cancelled=gone))
+        second = asyncio.ensure_future(service.synthesize({"text": "Yo.", "language": "en"}, peer="b"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy) as info:  # 1 waiting + 1 running allowed, counted before the text stage
+            await service.synthesize({"text": "Ok.", "language": "en"}, peer="c")
+        assert info.value.reason == "QUEUE_FULL"
+        gone.set()  # client a leaves while its request waits for the text thread
+        hold.set()
+        await blocker
+        with pytest.raises(Timeout) as cancelled:
+            await asyncio.wait_for(first, 30)
+        assert cancelled.value.reason == "CANCELLED"
+        assert (await asyncio.wait_for(second, 30))["cached"] is False
+        assert probe.calls == 1  # the cancelled one never reached the model
+    finally:
+        hold.set()
+        await service.drain(1.0)

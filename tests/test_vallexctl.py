@@ -371,3 +371,15 @@ def test_quickstart_offline_says_what_to_do(tmp_path: Path) -> None:
     assert error.startswith("vallexctl: could not fetch the model weights")
     assert "quickstart --demo" in error and "noise" in error
     assert not (tmp_path / "run" / "vallexd" / "vallexd.pid").exists()  # no daemon was started
+
+
+def test_daemon_hints_only_on_daemon_errors() -> None:
+    """A local failure (e.g. a download) must not be told to look at the daemon."""
+    from vallexctl.output import error_line
+    from vallexd.errors import Unavailable, VallexError
+
+    local = Unavailable("download failed: connection refused", reason="DOWNLOAD_FAILED")
+    assert "daemon" not in error_line(local)
+    wire = {"code": "UNAVAILABLE", "message": "shutting down", "reason": "SHUTTING_DOWN"}
+    remote = VallexError.from_wire(wire)
+    assert remote.remote and "vallexctl status" in error_line(remote)

@@ -21,7 +21,7 @@ from vallexctl.output import (
     stderr_is_tty,
     write_file_atomic,
 )
-from vallexd.errors import InvalidArgument, NotFound
+from vallexd.errors import InvalidArgument, NotFound, ProtocolError
 
 LANGUAGES = ("auto", "en", "zh", "ja", "mix")
 ACCENTS = ("native", "request", "en", "zh", "ja")
@@ -77,7 +77,7 @@ def speak_params(text: str, *, voice: str | None, language: str, accent: str, lo
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Random seed, for repeatable output.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample from the k likeliest codes; 0 disables top-k.")
-@click.option("--temperature", type=click.FloatRange(0, 10, min_open=True), default=1.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0.01, 10), default=1.0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the WAV here (atomically).")
 @click.option("--stdout", "to_stdout", is_flag=True,
@@ -132,7 +132,7 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
 
     audio = result.pop("audio", None)
     if want_audio and not isinstance(audio, (bytes, bytearray)):
-        raise InvalidArgument("the daemon sent no audio", reason="NO_AUDIO")
+        raise ProtocolError("the daemon sent no audio", reason="NO_AUDIO")
     if output is not None:
         write_file_atomic(output, bytes(audio))  # type: ignore[arg-type]
         result["output"] = str(output.resolve())

@@ -169,8 +169,12 @@ def _transfer(
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and have:
-            # Our part file is at least as long as the resource: it cannot be a prefix of it
-            # (or it is complete but we lost track). Start over cleanly.
+            # "bytes */N" with N == what we have: the part file is already complete (an earlier run
+            # stopped between the last byte and the rename); keep it, the digest check decides.
+            complete = re.fullmatch(r"bytes \*/(\d+)", (exc.headers.get("Content-Range") or "").strip())
+            if complete and int(complete.group(1)) == have:
+                return True
+            # Otherwise our part file is longer than the resource: it cannot be a prefix of it.
             part.unlink(missing_ok=True)
             raise _Restart(f"server refused the resume range ({exc.code})") from None
         if exc.code in (404, 410):

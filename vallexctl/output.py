@@ -52,7 +52,7 @@ _HINTS: dict[str, str] = {
     ErrorCode.NOT_FOUND.value: "",
     ErrorCode.ALREADY_EXISTS.value: "add --overwrite to replace it",
     ErrorCode.BUSY.value: "the queue is full; retry in a moment",
-    ErrorCode.UNAVAILABLE.value: "the daemon is shutting down; start it again",
+    ErrorCode.UNAVAILABLE.value: "the daemon is shutting down or has no model loaded; see `vallexctl status`",
     ErrorCode.TIMEOUT.value: "the request ran past the daemon's deadline; try shorter text",
     ErrorCode.INTERNAL.value: "see the daemon log (journalctl -u vallexd) for the traceback",
 }
@@ -61,7 +61,10 @@ _HINTS: dict[str, str] = {
 def error_line(exc: VallexError) -> str:
     """ONE line: what went wrong and what to do."""
     message = exc.message
-    hint = exc.hint if isinstance(exc, DaemonUnreachable) else _HINTS.get(exc.code.value, "")
+    if isinstance(exc, DaemonUnreachable):
+        hint = exc.hint
+    else:  # the code-based hints speak about the daemon: local errors carry their own advice
+        hint = _HINTS.get(exc.code.value, "") if exc.remote else ""
     if exc.code == ErrorCode.NOT_FOUND and exc.reason in ("PRESET_NOT_FOUND", "UNKNOWN_VOICE", None):
         hint = hint or "see `vallexctl presets list` for installed voices"
     line = f"vallexctl: {message}" + (f": {hint}" if hint else "")

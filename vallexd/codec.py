@@ -43,10 +43,10 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Read an audio file with soundfile: (frames,) or (frames, channels) float32, sample rate."""
     import soundfile as sf  # local import: only prompt creation needs it
 
+    if not Path(path).is_file():  # soundfile reports a missing file as a generic LibsndfileError
+        raise NotFound(f"audio file {str(path)!r} does not exist", reason="AUDIO_NOT_FOUND")
     try:
         audio, sr = sf.read(str(path), dtype="float32", always_2d=False)
-    except FileNotFoundError:
-        raise NotFound(f"audio file {str(path)!r} does not exist", reason="AUDIO_NOT_FOUND") from None
     except (RuntimeError, sf.LibsndfileError) as exc:
         raise InvalidArgument(
             f"cannot read audio file {Path(path).name!r}: {exc}", reason="BAD_AUDIO"

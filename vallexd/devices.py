@@ -55,10 +55,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> float16 on CUDA, float32 elsewhere.  Half precision on CPU is refused (slow, lossy)."""
+    """'auto' -> float32 everywhere; float16/bfloat16 are opt-in on CUDA (refused on the CPU: slow, lossy).
+
+    float32 is the default because it is what the reference computes (the compatibility contract is
+    "the same codes"), and a 12-layer pre-norm residual stream can overflow in float16.
+    """
     name = str(name).strip().lower()
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.float32
     if name not in DTYPES:
         raise InvalidArgument(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", reason="BAD_DTYPE")
     dtype = DTYPES[name]

@@ -25,6 +25,8 @@ from vallexd.model import MODEL_LANGUAGES, NUM_QUANTIZERS, VallEX, language_ids
 from vallexd.prompts import LANG_CODES, Prompt, validate_arrays
 from vallexd.vocoder import HOP, SAMPLE_RATE, Vocoder, file_digest
 
+MIN_TEMPERATURE = 0.01
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -37,8 +39,11 @@ def _check_sampling(sampling: SamplingParams) -> None:
     if isinstance(sampling.top_k, bool) or not isinstance(sampling.top_k, int):
         raise InvalidArgument(f"top_k must be an integer, got {sampling.top_k!r}", reason="BAD_SAMPLING")
     t = sampling.temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        raise InvalidArgument(f"temperature must be a positive number, got {t!r}", reason="BAD_SAMPLING")
+    # Below ~0.01, float32 logits / T overflow to inf and the softmax turns to NaN.
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < MIN_TEMPERATURE:
+        raise InvalidArgument(
+            f"temperature must be a number >= {MIN_TEMPERATURE}, got {t!r}", reason="BAD_SAMPLING"
+        )
     if sampling.seed is not None and (isinstance(sampling.seed, bool) or not isinstance(sampling.seed, int)):
         raise InvalidArgument(f"seed must be an integer, got {sampling.seed!r}", reason="BAD_SAMPLING")
 
@@ -84,6 +89,7 @@ class Engine:
         ):
             h.update(file_digest(part).digest())
         h.update(dtype_name(dt).encode())
+        h.update(dev.type.encode())  # CPU and CUDA generators draw differently for the same seed
         return cls(model, vocoder, dev, dt, h.hexdigest())
 
     def make_generator(self, sampling: SamplingParams) -> torch.Generator:

@@ -54,6 +54,8 @@ class VallexError(Exception):
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
+    #: True when the error was received from the daemon (from_wire), False when raised locally.
+    remote: bool = False
 
     def __init__(
         self,
@@ -94,9 +96,11 @@ class VallexError(Exception):
         message = str(wire.get("message", ""))
         reason = wire.get("reason")
         details = wire.get("details") if isinstance(wire.get("details"), dict) else None
-        return _CLASS_FOR_CODE.get(code, VallexError)(
+        err = _CLASS_FOR_CODE.get(code, VallexError)(
             message, code=code, reason=str(reason) if reason else None, details=details
         )
+        err.remote = True
+        return err
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"

@@ -32,6 +32,12 @@ CODE_LANGS: dict[int, str] = {v: k for k, v in LANG_CODES.items()}
 NUM_CODEBOOKS = 8
 CODEBOOK_SIZE = 1024
 TEXT_VOCAB_SIZE = 2048  # rows of the model's text embedding
+# Size caps: a small compressed upload must not unpack into gigabytes, and the AR key/value cache grows
+# with the prompt.  Presets are made from <= 15 s of audio (1125 frames); the shared ones reach 971
+# frames and 191 text tokens.  30 s / 1024 tokens leaves room without letting a prompt eat the model.
+MAX_PROMPT_FRAMES = 2250
+MAX_PROMPT_TEXT = 1024
+_MAX_ENTRY_BYTES = 1 << 20  # uncompressed size of one array in the .npz (2250 x 8 int64 = 144 KB)
 REQUIRED_KEYS = ("audio_tokens", "text_tokens", "lang_code")
 
 
@@ -66,6 +72,10 @@ def validate_arrays(audio: np.ndarray, text: np.ndarray, lang_code: np.ndarray, 
         raise _bad(name, f"audio_tokens must have shape (1, P>=1, 8), got {tuple(audio.shape)}")
     if text.ndim != 2 or text.shape[0] != 1:
         raise _bad(name, f"text_tokens must have shape (1, E), got {tuple(text.shape)}")
+    if audio.shape[1] > MAX_PROMPT_FRAMES:
+        raise _bad(name, f"prompt of {audio.shape[1]} frames is over the limit of {MAX_PROMPT_FRAMES} (30 s)")
+    if text.shape[1] > MAX_PROMPT_TEXT:
+        raise _bad(name, f"transcript of {text.shape[1]} tokens is over the limit of {MAX_PROMPT_TEXT}")
     if lang_code.size != 1 or lang_code.ndim > 1:
         raise _bad(name, f"lang_code must be a single integer, got shape {tuple(lang_code.shape)}")
     amin, amax = int(audio.min()), int(audio.max())
@@ -96,6 +106,10 @@ def prompt_from_bytes(data: bytes, name: str) -> Prompt:
             missing = [k for k in REQUIRED_KEYS if k not in npz.files]
             if missing:
                 raise _bad(name, f"missing array {missing[0]!r} (has {sorted(npz.files)})")
+            for key in REQUIRED_KEYS:  # check the declared size before numpy inflates anything
+                size = npz.zip.getinfo(f"{key}.npy").file_size
+                if size > _MAX_ENTRY_BYTES:
+                    raise _bad(name, f"{key} unpacks to {size} bytes (limit {_MAX_ENTRY_BYTES})")
             arrays = {k: npz[k] for k in REQUIRED_KEYS}
     except InvalidArgument:
         raise

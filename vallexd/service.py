@@ -30,7 +30,7 @@ from vallexd import __version__
 from vallexd.audio import duration_s, wav_bytes, wav_duration_s
 from vallexd.cache import ResultCache, cache_key, relative_url_path
 from vallexd.config import Config
-from vallexd.errors import InvalidArgument, Timeout, Unavailable, VallexError
+from vallexd.errors import Busy, InvalidArgument, Timeout, Unavailable, VallexError
 from vallexd.presets_store import PresetStore
 from vallexd.protocol import PROTOCOL_VERSION
 from vallexd.validate import (
@@ -77,10 +77,10 @@ class Service:
         self.http_url: str | None = None
         self._text_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vallexd-text")
         self._warm_up = warm_up
-        self._warm_future: asyncio.Future[None] | None = None
         self._state = "new"  # -> "running" after start() -> "draining" once drain() begins
         self._active = 0  # synthesize calls in progress (any stage)
         self._quiet = asyncio.Event()  # set whenever _active drops to 0
+        self._preparing = 0  # cache misses admitted but not yet handed to the worker (text stage)
         self._started_at = time.monotonic()
         self.counters = {"synthesize": 0, "cache_hits": 0, "errors": 0}
 
@@ -93,7 +93,7 @@ class Service:
         if self._warm_up:
             # Load jieba/OpenJTalk/CMU dict in the text thread in the background: readiness does
             # not wait for it, and a first request simply queues behind it in that thread.
-            self._warm_future = asyncio.get_running_loop().run_in_executor(self._text_executor, _warm_text)
+            asyncio.get_running_loop().run_in_executor(self._text_executor, _warm_text)
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting work; let accepted requests finish within `grace_s`, then cut off the rest.
@@ -150,7 +150,8 @@ class Service:
             engine_identity=self.worker.identity,
             preset_digest=preset.digest if preset is not None else None,
             text=req.text, language=req.language, accent=req.accent,
-            long="whole" if req.long is False else "split",  # true and "auto" give the same audio
+            # true and "auto" give the same audio; the split depends on the phoneme budget
+            long="whole" if req.long is False else f"split:{self._split_budget()}",
             top_k=req.top_k, temperature=req.temperature, seed=req.seed,
         )
         want_audio = req.return_mode == "audio"
@@ -161,8 +162,20 @@ class Service:
                 data, path, seconds = hit
                 return self._result(key, data, path, seconds, cached=True, pieces=0, started=started)
 
+        # Admission: a miss counts against the queue limit from here on, not only once it reaches
+        # the worker; otherwise any number of requests could pile up in the text stage.
+        queue_limit = self.worker.queue_limit
+        if self._preparing + self.worker.queue_depth + self.worker.in_flight >= queue_limit + 1:
+            raise Busy(f"the queue is full ({queue_limit} waiting); retry later", reason="QUEUE_FULL",
+                       details={"queue_limit": queue_limit})
         loop = asyncio.get_running_loop()
-        pieces = await loop.run_in_executor(self._text_executor, self._prepare_text, req)
+        deadline = started + self.config.request_timeout_s
+        self._preparing += 1
+        try:
+            pieces = await loop.run_in_executor(self._text_executor, self._prepare_text, req, deadline,
+                                                cancelled)
+        finally:
+            self._preparing -= 1
         text_done = time.monotonic()
         if cancelled is not None and cancelled.is_set():
             raise Timeout("request cancelled: the client went away", reason="CANCELLED")
@@ -213,7 +226,12 @@ class Service:
             if data is None:
                 return None
             path = self.cache.path(key)
-            return data, path, wav_duration_s(data)
+            try:
+                seconds = wav_duration_s(data)
+            except ValueError:
+                log.warning("cache: ignoring damaged entry %s", path.name)
+                return None  # damaged: regenerate (and replace it)
+            return data, path, seconds
         path = self.cache.lookup(key)
         if path is None:
             return None
@@ -224,11 +242,24 @@ class Service:
             return None  # vanished or damaged: regenerate
         return None, path, seconds
 
-    def _prepare_text(self, req: SynthesisRequest) -> list[Piece]:
+    def _split_budget(self) -> int:
+        """The effective phoneme budget per piece for long text (part of the cache key)."""
+        from vallexd.text import DEFAULT_PHONEME_BUDGET
+
+        return int(self.config.long_budget or DEFAULT_PHONEME_BUDGET)
+
+    def _prepare_text(self, req: SynthesisRequest, deadline: float,
+                      cancelled: asyncio.Event | None) -> list[Piece]:
         """Blocking, in the text thread: split (long mode) and phonemize into engine pieces."""
         from vallexd import text as frontend
 
-        budget = self.config.long_budget or frontend.DEFAULT_PHONEME_BUDGET
+        # The request may have waited for this thread: do not phonemize for nobody.
+        if cancelled is not None and cancelled.is_set():
+            raise Timeout("request cancelled: the client went away", reason="CANCELLED")
+        if time.monotonic() >= deadline:
+            raise Timeout(f"request ran past its deadline of {self.config.request_timeout_s:g} s",
+                          reason="DEADLINE", details={"timeout_s": self.config.request_timeout_s})
+        budget = self._split_budget()
         language = req.language
         if language == "auto":
             # Resolve once for the whole text so every piece speaks the same language.
@@ -290,7 +321,8 @@ class Service:
             "static_url": self.static_base_url,
             "http_url": self.http_url,
             "pid": os.getpid(),
-            "counters": {**self.counters, "engine_runs": self.worker.jobs_run},
+            "counters": {**self.counters, "engine_runs": self.worker.jobs_run,
+                         "engine_failures": self.worker.jobs_failed},
         }
 
     # ------------------------------------------------------------------ presets

@@ -26,6 +26,8 @@ RETURN_MODES = ("audio", "path")
 MAX_SEED = 2**63
 MAX_TOP_K = 1024  # the AR stage has 1025 classes; k >= that is the same as no top-k
 MAX_TEMPERATURE = 10.0
+MIN_TEMPERATURE = 0.01  # below this, float32 logits / T can overflow to inf and sampling gets NaN
+_ECHO_MAX = 64  # unknown keys are echoed back at most this long
 NAME_MAX = 64
 # Letters (any script), digits, "_", "-", ".", "'" and space (checked separately: not
 # starting with ".", no leading/trailing space, and short enough in UTF-8 for a file name).
@@ -73,10 +75,11 @@ def _params(params: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise InvalidArgument("params must be a map", reason="BAD_TYPE", details={"field": "params"})
     for key in params:
         if key not in allowed:
+            shown = str(key)[:_ECHO_MAX]
             raise InvalidArgument(
-                f"unknown field {key!r}; accepted: {', '.join(allowed)}",
+                f"unknown field {shown!r}; accepted: {', '.join(allowed)}",
                 reason="UNKNOWN_FIELD",
-                details={"field": str(key)},
+                details={"field": shown},
             )
     return params
 
@@ -103,7 +106,11 @@ def _int(value: Any, field: str) -> int:
 def _number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad_type(field, "a number", value)
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int too large for a float
+        raise InvalidArgument(f"{field} is out of range", reason="OUT_OF_RANGE",
+                              details={"field": field}) from None
     if not math.isfinite(result):
         raise InvalidArgument(f"{field} must be finite", reason="OUT_OF_RANGE", details={"field": field})
     return result
@@ -212,8 +219,9 @@ def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest
                               details={"field": "top_k"})
 
     temperature = _number(p.get("temperature", 1.0), "temperature")
-    if not 0 < temperature <= MAX_TEMPERATURE:
-        raise InvalidArgument(f"temperature must be > 0 and <= {MAX_TEMPERATURE:g}", reason="OUT_OF_RANGE",
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be within {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}",
+                              reason="OUT_OF_RANGE",
                               details={"field": "temperature"})
 
     return SynthesisRequest(

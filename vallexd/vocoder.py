@@ -129,8 +129,8 @@ class Vocoder:
         config = read_vocos_config(folder / "config.yaml")
         try:
             vocos = build_vocos(config)
-        except (TypeError, ValueError) as exc:
-            raise VocoderError(f"bad init_args in config.yaml: {exc}", path=folder / "config.yaml") from None
+        except (TypeError, ValueError, AttributeError, ImportError) as exc:
+            raise VocoderError(f"bad class_path/init_args: {exc}", path=folder / "config.yaml") from None
         weights = folder / "pytorch_model.bin"
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)

@@ -262,8 +262,16 @@ class ModelWorker:
         report = job.progress
         progress = None
         if report is not None:
+            future = job.future
+
+            def deliver(done: int, total: int) -> None:
+                # On the loop: once the job's future is done (result sent, cancelled, timed out)
+                # a late progress frame would arrive after the response; drop it.
+                if not future.done():
+                    report(done, total)
+
             def progress(done: int, total: int) -> None:
-                loop.call_soon_threadsafe(report, done, total)
+                loop.call_soon_threadsafe(deliver, done, total)
 
         self.jobs_run += 1
         sampling = SamplingParams(top_k=job.sampling.top_k, temperature=job.sampling.temperature,
