@@ -296,6 +296,11 @@ def test_models_verify_reports_a_damaged_file(mirror: tuple[FileServer, Path], t
     verify = invoke("models", "verify", "--dir", str(models))
     assert verify.exit_code == 1
     assert "mismatch  vocos-encodec-24khz/config.yaml" in verify.stdout
+    as_json = invoke("--json", "models", "verify", "--dir", str(models))
+    assert as_json.exit_code == 1
+    doc = json.loads(as_json.stdout)  # exactly one JSON document, the error carrying the report
+    assert doc["ok"] is False and doc["error"]["reason"] == "DIGEST_MISMATCH"
+    assert any(f["status"] == "mismatch" for f in doc["error"]["details"]["files"])
     # A second fetch checks what is there against the record too, and refuses.
     again = invoke("models", "fetch", "--dir", str(models), "--base-url", server.url, "--no-encodec")
     assert again.exit_code == 1 and "delete it" in again.stderr

@@ -101,13 +101,16 @@ def models_verify(models_dir: Path | None) -> None:
             click.echo(f"{r.status:9} {r.relpath:40} {r.sha256 or '':64}  {r.detail}".rstrip())
 
     ok = not bad and not missing
-    emit({"dir": str(models_dir), "ok": ok, "files": [r.to_json() for r in reports]}, human)
+    report = {"dir": str(models_dir), "ok": ok, "files": [r.to_json() for r in reports]}
+    if ok or not state().json:  # with --json a failure is one error document carrying the report
+        emit(report, human)
     if bad:
         raise VallexError(f"{len(bad)} model file(s) do not match their recorded digest in {models_dir}: "
-                          "delete them and run `vallexctl models fetch`", reason="DIGEST_MISMATCH")
+                          "delete them and run `vallexctl models fetch`", reason="DIGEST_MISMATCH",
+                          details=report)
     if missing:
         raise NotFound(f"missing in {models_dir}: {', '.join(r.relpath for r in missing)}; "
-                       "run `vallexctl models fetch`", reason="MODELS_MISSING")
+                       "run `vallexctl models fetch`", reason="MODELS_MISSING", details=report)
 
 
 # --------------------------------------------------------------------------- daemon
