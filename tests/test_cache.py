@@ -14,6 +14,7 @@ import pytest
 
 from vallexd import cache as cache_mod
 from vallexd.cache import ResultCache, cache_key, normalize_text, relative_url_path
+from vallexd.errors import PermissionDenied, Unavailable
 
 BASE: dict[str, Any] = {
     "engine_identity": "e" * 64,
@@ -115,8 +116,9 @@ def test_exception_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cache_mod.os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(Unavailable) as info:  # typed: disk full is not the client's fault
         cache.put(key, wav_like(5000, b"\x09"))
+    assert info.value.reason == "CACHE_WRITE_FAILED"
     monkeypatch.undo()
     assert cache.get(key) == wav_like(10)  # the old entry is untouched
     assert [p.name for p in cache.path(key).parent.iterdir()] == [f"{key}.wav"]  # no temp file left
@@ -207,3 +209,22 @@ def test_prune_dry_run_changes_nothing(tmp_path: Path) -> None:
     dry.pop("dry_run")
     assert real == dry  # the dry run reported exactly what the real one did
     assert cache.stats()["files"] == 0
+
+
+def test_write_failures_are_typed(tmp_path: Path) -> None:
+    import errno
+    import shutil
+
+    cache = ResultCache(tmp_path / "cache")
+    key = cache_key(**BASE)
+    shutil.rmtree(tmp_path / "cache")
+    cache.put(key, wav_like(5))  # the root was removed meanwhile: recreated (parents=True)
+    assert cache.get(key) == wav_like(5)
+    other = cache_key(**{**BASE, "seed": 9})
+    (tmp_path / "cache" / other[:2]).write_bytes(b"not a folder")  # the shard is in the way
+    with pytest.raises(Unavailable) as info:
+        cache.put(other, wav_like(5))
+    assert info.value.reason == "CACHE_WRITE_FAILED"
+    denied = cache_mod.os_error(OSError(errno.EROFS, "Read-only file system"), "write", "CACHE_WRITE_FAILED")
+    assert isinstance(denied, PermissionDenied) and denied.reason == "CACHE_WRITE_FAILED"
+    assert not hasattr(ResultCache, "relative_url_path")  # one helper: the module-level function

@@ -196,3 +196,13 @@ def test_torch_free_modules() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_unknown_user_in_path_is_a_config_error() -> None:
+    user = "nosuchuser-vallexd-test"
+    with pytest.raises(ConfigError) as info:
+        load_config(["--cache-dir", f"~{user}/cache"], XDG_ENV)
+    assert info.value.details["key"] == "cache_dir" and user in info.value.message
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", f"~{user}/vallexd.toml"], XDG_ENV)
+    assert info.value.details == {"source": "flag --config", "key": "config"}

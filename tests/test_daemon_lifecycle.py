@@ -7,6 +7,7 @@ exit codes of startup failures.
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import os
 import secrets
@@ -394,3 +395,91 @@ def test_static_server_dies_with_parent_without_lifeline(tmp_path: Path) -> None
     parent.kill()
     parent.wait(5)
     wait_until(lambda: not pid_alive(child), 2.0, "PDEATHSIG to kill the orphaned child")
+
+
+async def test_static_child_ignores_stray_modules_in_cwd(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child runs `python -m` from "/": a stray module where the daemon was started cannot
+    shadow the standard library (nor the daemon's own package) in the child."""
+    from vallexd.child import StaticChild
+
+    stray = tmp_path / "cwd"
+    stray.mkdir()
+    for name in ("socket.py", "selectors.py", "http.py"):
+        (stray / name).write_text("raise SystemExit('stray module imported')\n")
+    (tmp_path / "c" / "ab").mkdir(parents=True)
+    key = "ab" + "0" * 62
+    (tmp_path / "c" / "ab" / f"{key}.wav").write_bytes(b"RIFF" + b"\0" * 60)
+    monkeypatch.chdir(stray)
+    child = StaticChild(Path("../c"), "127.0.0.1", 0)  # a relative root still means the daemon's cwd
+    await child.start()
+    try:
+        assert child.port is not None
+        status, _, body = await asyncio.to_thread(fetch, child.port, f"/ab/{key}.wav")
+        assert status == 200 and body.startswith(b"RIFF")
+    finally:
+        await child.stop()
+
+
+# --------------------------------------------------------------------------- socket folder and lock file
+
+
+def test_socket_folder_must_be_ours_and_private(tmp_path: Path) -> None:
+    from vallexd.lifecycle import StartupError, _socket_dir, bind_unix_socket
+
+    fresh = tmp_path / "fresh" / "vallexd.sock.lock"
+    _socket_dir(fresh, None)  # created private
+    assert fresh.parent.lstat().st_mode & 0o777 == 0o700 & ~current_umask()
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable, no sticky bit: anyone could swap the socket
+    with pytest.raises(StartupError, match="writable by other users"):
+        _socket_dir(shared / "vallexd.sock.lock", None)
+
+    group = tmp_path / "group"
+    group.mkdir()
+    group.chmod(0o770)
+    with pytest.raises(StartupError, match="writable by its group"):
+        _socket_dir(group / "vallexd.sock.lock", None)
+    _socket_dir(group / "vallexd.sock.lock", group.stat().st_gid)  # the configured group: fine
+
+    (tmp_path / "link").symlink_to(fresh.parent)
+    with pytest.raises(StartupError, match="symbolic link"):
+        _socket_dir(tmp_path / "link" / "vallexd.sock.lock", None)
+
+    if os.geteuid() == 0:  # only root can hand a folder to another user
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 12345, -1)
+        with pytest.raises(StartupError, match="belongs to uid 12345"):
+            _socket_dir(foreign / "vallexd.sock.lock", None)
+
+    sock = bind_unix_socket(fresh.parent / "vallexd.sock", 0o660, None)
+    try:
+        assert (fresh.parent / "vallexd.sock").lstat().st_mode & 0o777 == 0o660
+    finally:
+        sock.close()
+
+
+def test_lock_file_symlink_refused(tmp_path: Path) -> None:
+    from vallexd.lifecycle import InstanceLock, StartupError
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "vallexd.sock.lock").symlink_to(victim)
+    with pytest.raises(StartupError, match="symbolic link"):
+        InstanceLock(tmp_path / "vallexd.sock.lock").acquire(tmp_path / "vallexd.sock")
+    assert victim.read_text() == "precious"
+    lock = InstanceLock(tmp_path / "real.lock")
+    lock.acquire(tmp_path / "vallexd.sock")
+    try:
+        assert (tmp_path / "real.lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -373,3 +373,26 @@ def test_errors_are_vallex_errors_client_side(daemon: DaemonProcess) -> None:
     with pytest.raises(VallexError) as info:
         daemon.call("synthesize", {"text": "a", "voice": "nobody"})
     assert info.value.code.value == "NOT_FOUND"
+
+
+async def test_pipelined_request_during_drain_gets_shutting_down(rpc_server) -> None:
+    server, service, path = rpc_server
+    c = await AsyncClient.connect(path)
+    await c.send(protocol.request(1, "synthesize", {"text": "in flight"}))
+    await asyncio.wait_for(service.started.wait(), 5)
+    await c.send(protocol.request(2, "ping"))  # pipelined: read ahead while 1 runs
+    await asyncio.sleep(0.1)
+    server.stop_accepting()
+    service.release.set()
+    r = await c.recv()
+    assert r is not None and r["id"] == 1 and r["ok"]
+    r = await c.recv()
+    assert r is not None and r["id"] == 2 and r["error"]["code"] == "UNAVAILABLE"
+    assert r["error"]["reason"] == "SHUTTING_DOWN"
+    assert await c.recv() is None
+
+
+async def test_malformed_frame_message_is_fixed() -> None:
+    with pytest.raises(VallexError) as info:
+        protocol.unpack_body(b"\xc1\xc1\xc1")
+    assert info.value.message == "malformed msgpack frame" and info.value.reason == "MALFORMED_FRAME"

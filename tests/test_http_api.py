@@ -173,8 +173,9 @@ def test_host_header_checked_on_loopback(daemon: DaemonProcess) -> None:
 
 
 def test_cors_only_for_allowed_origins(daemon: DaemonProcess) -> None:
-    status, headers, _ = http(daemon, "GET", "/presets", headers={"Origin": "http://evil.example"})
-    assert status == 200 and not any(k.lower().startswith("access-control") for k in headers)
+    status, headers, body = http(daemon, "GET", "/presets", headers={"Origin": "http://evil.example"})
+    assert status == 403 and not any(k.lower().startswith("access-control") for k in headers)
+    assert json.loads(body)["error"]["reason"] == "BAD_ORIGIN"
     status, headers, _ = http(daemon, "GET", "/presets", headers={"Origin": ALLOWED_ORIGIN})
     assert headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
     status, headers, _ = http(daemon, "OPTIONS", "/generate", token=None,
@@ -213,3 +214,40 @@ def test_client_hangup_cancels_the_job(daemon: DaemonProcess) -> None:
     while daemon.call("status")["counters"]["errors"] == errors_before:
         assert time.monotonic() < deadline, "the abandoned synthesis was not cancelled"
         time.sleep(0.05)
+
+
+def test_foreign_origin_refused_before_anything_runs(daemon: DaemonProcess) -> None:
+    """CSRF: a page elsewhere can POST without a preflight; the Origin header gives it away."""
+    before = tree_snapshot(daemon.workdir, exclude=[daemon.log_path])
+    status, _, body = http(daemon, "POST", "/generate", {"textPrompt": "csrf"},
+                           headers={"Origin": "http://evil.example"})
+    reply = json.loads(body)
+    assert status == 403 and reply["error"] and set(reply) == {"audioURL", "code", "error"}
+    assert reply["audioURL"] == "" and reply["code"] == 403
+    status, _, body = http(daemon, "POST", "/v1/synthesize", {"text": "csrf"}, headers={"Origin": "null"})
+    assert status == 403 and json.loads(body)["error"]["reason"] == "BAD_ORIGIN"
+    assert tree_snapshot(daemon.workdir, exclude=[daemon.log_path]) == before
+
+
+def test_post_needs_json_content_type(daemon: DaemonProcess) -> None:
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        status, _, body = http(daemon, "POST", "/v1/synthesize", {"text": "hi"},
+                               headers={"Content-Type": content_type})
+        assert status == 400 and json.loads(body)["error"]["reason"] == "BAD_CONTENT_TYPE", content_type
+    status, _, body = http(daemon, "POST", "/generate", {"textPrompt": "hi"},
+                           headers={"Content-Type": "text/plain"})
+    assert status == 400 and json.loads(body)["code"] == 400
+
+
+def test_non_ascii_token_is_401(daemon: DaemonProcess) -> None:
+    import socket
+
+    host, p = "127.0.0.1", int(port(daemon))
+    for token in ("tökén".encode(), b"\xff\xfe"):
+        with socket.create_connection((host, p), timeout=10) as s:
+            s.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+                      b"Connection: close\r\n\r\n" % (p, token))
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 401"), reply[:100]

@@ -158,3 +158,21 @@ def test_bad_files_skipped_and_leftovers_swept(tmp_path: Path, caplog: pytest.Lo
     assert store.skipped == [str(install / "broken.npz")]
     assert "broken.npz" in caplog.text and "does not exist" in caplog.text
     assert not (install / ".good.npz.abc123.tmp").exists()
+
+
+def test_write_failures_are_typed(tmp_path: Path) -> None:
+    from vallexd.errors import Unavailable
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"x")
+    store = PresetStore([blocker / "installed"], max_bytes=1 << 20)  # mkdir fails: ENOTDIR
+    with pytest.raises(Unavailable) as info:
+        store.install("voice", prompt_to_bytes(small_prompt()))
+    assert info.value.reason == "PRESET_WRITE_FAILED"
+
+    install = tmp_path / "installed"
+    (install / "stuck.npz").mkdir(parents=True)  # unlink of a folder fails: EISDIR
+    store = PresetStore([install], max_bytes=1 << 20)
+    with pytest.raises(Unavailable) as info:
+        store.remove("stuck")
+    assert info.value.reason == "PRESET_WRITE_FAILED"

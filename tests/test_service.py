@@ -438,8 +438,8 @@ async def test_damaged_cache_entry_is_regenerated(tmp_path: Path, engine: Any) -
         await service.drain(1.0)
 
 
-async def test_text_stage_counts_against_queue_limit_and_skips_cancelled(tmp_path: Path, engine: Any,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_text_stage_counts_against_queue_limit(tmp_path: Path, engine: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     service = await started(make_config(tmp_path, None, queue_limit=1), engine)
     probe = EngineProbe(engine, monkeypatch)
     hold = threading.Event()
@@ -463,4 +463,56 @@ async def test_text_stage_counts_against_queue_limit_and_skips_cancelled(tmp_pat
         assert probe.calls == 1  # the cancelled one never reached the model
     finally:
         hold.set()
+        await service.drain(1.0)
+
+
+def test_unknown_field_echo_is_truncated() -> None:
+    from vallexd.validate import validate_synthesize
+
+    with pytest.raises(InvalidArgument) as info:
+        validate_synthesize({"text": "Hi.", "k" * 10_000: 1}, max_text_chars=200)
+    assert info.value.reason == "UNKNOWN_FIELD"
+    assert info.value.details["field"] == "k" * 64 and len(info.value.message) < 400
+
+
+async def test_health_is_cheap_and_reports_draining(tmp_path: Path, engine: Any) -> None:
+    service = await started(make_config(tmp_path, None), engine)
+    health = service.health()
+    assert health["model_loaded"] is True and health["draining"] is False
+    assert "cache" not in health  # no cache scan
+    await service.drain(1.0)
+    assert service.health() == {**health, "model_loaded": False, "model_identity": None, "draining": True}
+
+
+async def test_no_progress_after_the_request_ended(tmp_path: Path, engine: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    service = await started(make_config(tmp_path, None, long_budget=16), engine)
+    real = engine.synthesize
+    reached, release = threading.Event(), threading.Event()
+
+    def held_progress(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
+        def late(done: int, total: int) -> None:  # the model thread stalls right before reporting
+            reached.set()
+            release.wait(30)
+            progress(done, total)
+
+        return real(*args, progress=late, **kwargs)
+
+    monkeypatch.setattr(engine, "synthesize", held_progress)
+    try:
+        events: list[tuple[int, int]] = []
+        gone = asyncio.Event()
+        task = asyncio.ensure_future(service.synthesize(
+            {"text": "Go home now. Be very calm.", "language": "en", "progress": True}, peer="t",
+            progress=lambda done, total: events.append((done, total)), cancelled=gone))
+        await asyncio.to_thread(reached.wait, 30)
+        gone.set()
+        with pytest.raises(Timeout):
+            await asyncio.wait_for(task, 10)
+        release.set()  # the report now reaches the loop after the request has ended
+        await _wait_for(lambda: service.worker.in_flight == 0)
+        await asyncio.sleep(0.05)
+        assert events == []
+    finally:
+        release.set()
         await service.drain(1.0)

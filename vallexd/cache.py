@@ -17,6 +17,7 @@ entries first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vallexd import fsutil
+from vallexd.errors import PermissionDenied, Unavailable, VallexError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def cache_key(
         "text": normalize_text(text),
         "language": language,
         "accent": accent,
-        "long": long,  # "auto" / true / false stay distinct in JSON
+        "long": long,  # the service passes "whole" or "split:<phoneme budget>" (true and "auto" split alike)
         "top_k": int(top_k),
         "temperature": float(temperature),  # 1 and 1.0 encode the same
         "seed": seed,
@@ -86,6 +88,18 @@ def relative_url_path(key: str) -> str:
     """URL path of an entry below the static server's root, e.g. 'ab/ab12...ef.wav'."""
     check_key(key)
     return f"{key[:2]}/{key}.wav"
+
+
+_DENIED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def os_error(exc: OSError, action: str, reason: str) -> VallexError:
+    """A typed error for a failed write/remove: PERMISSION_DENIED when the file system refuses
+    (no permission, read-only), else UNAVAILABLE (disk full, I/O error, ...)."""
+    message = f"cannot {action}: {exc.strerror or exc}"
+    if exc.errno in _DENIED_ERRNOS:
+        return PermissionDenied(message, reason=reason)
+    return Unavailable(message, reason=reason)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
@@ -112,10 +126,6 @@ class ResultCache:
     def path(self, key: str) -> Path:
         check_key(key)
         return self.root / key[:2] / f"{key}.wav"
-
-    @staticmethod
-    def relative_url_path(key: str) -> str:
-        return relative_url_path(key)
 
     def _shards(self) -> list[Path]:
         try:
@@ -175,8 +185,11 @@ class ResultCache:
     def put(self, key: str, data: bytes) -> Path:
         """Store `data` under `key`, atomically replacing any previous entry."""
         path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
-        atomic_write(path, data)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the root may have been removed meanwhile
+            atomic_write(path, data)
+        except OSError as exc:
+            raise os_error(exc, "write the result to the cache", "CACHE_WRITE_FAILED") from None
         return path
 
     def entries(self) -> list[Entry]:
@@ -236,6 +249,8 @@ class ResultCache:
                 e.path.unlink()
             except FileNotFoundError:
                 continue
+            except OSError as exc:
+                raise os_error(exc, f"remove {e.path.name} from the cache", "CACHE_WRITE_FAILED") from None
             removed.append(e)
         return {
             "removed": len(removed),

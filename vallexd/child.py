@@ -28,6 +28,19 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_RUN_S = 30.0
 _PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_")
+#: The folder holding the `vallexd` package (put on the child's PYTHONPATH).
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+#: Pause before supervision resumes after an unexpected error in it.
+WATCH_RETRY_S = 1.0
+
+
+def _installed() -> bool:
+    """True if the package lives in a site-packages folder (then the child finds it by itself;
+    putting that folder on PYTHONPATH would rank it above the standard library)."""
+    import site
+
+    sites = {os.path.realpath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    return os.path.realpath(_PACKAGE_PARENT) in sites
 
 
 class StaticServerError(Unavailable):
@@ -71,13 +84,22 @@ class StaticChild:
         read_fd, write_fd = os.pipe()  # both close-on-exec; read_fd is passed explicitly below
         # The child must not talk to systemd or see activation fds meant for us.
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV)}
+        # `python -m` puts the working directory first on sys.path: run the child in "/" so a stray
+        # module in the daemon's cwd (say a `socket.py`) cannot shadow the standard library there.
+        # Our own package stays importable when it runs from a source tree (relative PYTHONPATH
+        # entries keep meaning what they meant in our cwd).
+        search = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if not _installed():
+            search.insert(0, _PACKAGE_PARENT)
+        if search:
+            env["PYTHONPATH"] = os.pathsep.join(search)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "vallexd.static_server",
-                "--root", str(self.root), "--host", self.host, "--port", str(port),
+                "--root", os.path.abspath(self.root), "--host", self.host, "--port", str(port),
                 "--lifeline-fd", str(read_fd),
                 pass_fds=(read_fd,), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                env=env,
+                env=env, cwd="/",
             )
         except OSError:
             os.close(write_fd)
@@ -102,6 +124,16 @@ class StaticChild:
         log.info("static server pid %d serving %s at %s", proc.pid, self.root, self.base_url)
 
     async def _watch(self) -> None:
+        """Supervise until stopped; an unexpected error is logged and supervision goes on
+        (a silently ended watch would leave the static server dead for good)."""
+        while not self._stopping:
+            try:
+                await self._supervise()
+            except Exception:
+                log.exception("static server supervision failed; resuming in %.0fs", WATCH_RETRY_S)
+                await asyncio.sleep(WATCH_RETRY_S)
+
+    async def _supervise(self) -> None:
         """Restart the child with backoff whenever it dies while we are not stopping."""
         backoff = BACKOFF_MIN_S
         while not self._stopping:

@@ -430,7 +430,10 @@ def _convert(opt: Option, raw: Any, source: str, base: Path) -> Any:
 
 
 def _make_path(text: str, base: Path) -> Path:
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~nosuchuser/...", or "~" without a home directory
+        raise ValueError(f"cannot expand the home directory in {text!r}") from None
     return path if path.is_absolute() else base / path
 
 
@@ -465,9 +468,14 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         "cache_dir": paths.cache_dir,
     }
 
-    config_file = args.pop("config", None) or env.get(ENV_PREFIX + "CONFIG") or None
+    flag_config = args.pop("config", None)
+    config_file = flag_config or env.get(ENV_PREFIX + "CONFIG") or None
     if config_file:
-        toml_path = _make_path(config_file, cwd)
+        try:
+            toml_path = _make_path(config_file, cwd)
+        except ValueError as exc:
+            where = "flag --config" if flag_config else f"environment variable {ENV_PREFIX}CONFIG"
+            raise ConfigError(where, "config", str(exc)) from None
         for key, raw in _read_toml(toml_path).items():
             opt = _BY_KEY[key]
             values[opt.field] = _convert(opt, raw, f"config file {toml_path}", toml_path.parent)

@@ -4,11 +4,14 @@ Routes:
     POST /generate        the old VALLEX-Inference-Http API: {textPrompt, character, language,
                           noaccent, longprompt} -> {audioURL, code, error}, code == HTTP status
     POST /v1/synthesize   protocol.md params as JSON -> audio/wav body (or JSON with return=path)
-    GET  /health          200 when the model is loaded, else 503
+    GET  /health          200 when the model is loaded (and not draining), else 503
     GET  /presets, /status
 
 Security defaults, because a local HTTP port is reachable from every web page the
-user opens: no CORS headers unless the Origin is allow-listed; when bound to loopback
+user opens: a request carrying an Origin that is not allow-listed is refused outright
+(403 BAD_ORIGIN: a "simple" cross-site POST needs no preflight, so CORS headers alone
+would not stop it); POST bodies must be application/json (a form post cannot send that
+without a preflight); when bound to loopback
 the Host header must name loopback (defeats DNS rebinding); a bearer token is
 optional on loopback and REQUIRED on any other address (refuse to start without).
 
@@ -197,6 +200,11 @@ class HttpApi:
                 raise Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
             if not self._allowed_host(request):
                 raise PermissionDenied("Host header not allowed", reason="BAD_HOST")
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in self.cors_origins:
+                # CSRF: a browser page from elsewhere; refuse before any handler runs.
+                raise PermissionDenied("cross-origin requests from this origin are not allowed",
+                                       reason="BAD_ORIGIN")
             if request.method == "OPTIONS":
                 response = self._preflight(request)
             else:
@@ -244,7 +252,11 @@ class HttpApi:
             return
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode back the same way, so
+        # any bytes (non-ASCII, invalid UTF-8) compare as bytes and simply do not match.
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        expected = self.token.encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, expected):
             raise Unauthenticated("a valid bearer token is required", reason="BAD_TOKEN")
 
     def _error_response(self, request: web.Request, err: VallexError,
@@ -259,6 +271,10 @@ class HttpApi:
 
     # ------------------------------------------------------------------ handlers
     async def _json_body(self, request: web.Request) -> Any:
+        if request.content_type != "application/json":
+            raise InvalidArgument("the request body must be JSON sent as Content-Type: application/json",
+                                  reason="BAD_CONTENT_TYPE",
+                                  details={"content_type": request.content_type[:64]})
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -302,11 +318,13 @@ class HttpApi:
         return web.json_response(result, headers=headers)
 
     async def health(self, request: web.Request) -> web.Response:
-        status = await self.service.status()
-        if not status.get("model_loaded") or self._draining:
-            return web.json_response({"status": "unavailable", "draining": self._draining}, status=503)
-        return web.json_response({"status": "ok", "version": status.get("version"),
-                                  "model_identity": status.get("model_identity")})
+        # Cheap on purpose (probes poll it): no cache scan, no executor hop.
+        health = self.service.health()
+        draining = self._draining or bool(health.get("draining"))
+        if not health.get("model_loaded") or draining:
+            return web.json_response({"status": "unavailable", "draining": draining}, status=503)
+        return web.json_response({"status": "ok", "version": health.get("version"),
+                                  "model_identity": health.get("model_identity")})
 
     async def presets(self, request: web.Request) -> web.Response:
         return web.json_response(await self.service.presets_list())

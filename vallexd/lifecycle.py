@@ -67,7 +67,16 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self, socket_path: Path) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: a symlink planted at the lock's name must not make us open (and later
+        # truncate) some other file; nothing is truncated before the lock is ours.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise StartupError(f"cannot open the lock file {self.path}: {why}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StartupError(f"the lock file {self.path} is not a regular file; refusing to use it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -90,12 +99,59 @@ class InstanceLock:
 
 
 def _socket_dir(path: Path, group_id: int | None) -> None:
-    """Create the socket's folder if missing: private, or group-searchable when a group is set."""
-    if path.parent.is_dir():
+    """Create the socket's folder if missing (private, or group-searchable when a group is set),
+    then make sure nobody else controls it: the fallback /tmp/vallexd-<uid>/ may have been
+    created by another user before us."""
+    folder = path.parent
+    created = False
+    if not folder.is_dir():
+        try:
+            folder.mkdir(parents=True, mode=0o750 if group_id is not None else 0o700)
+            created = True
+        except FileExistsError:
+            pass  # someone else made it meanwhile: the checks below decide
+        if created and group_id is not None:
+            os.chown(folder, -1, group_id, follow_symlinks=False)
+    check_socket_dir(folder, group_id)
+
+
+def check_socket_dir(folder: Path, group_id: int | None) -> None:
+    """Refuse a socket folder another user could tamper with (StartupError, exit 1).
+
+    It must be a real folder (not a symlink) owned by us, writable by nobody else; group write is
+    accepted only when a socket group is configured and the folder belongs to it.  A shared
+    sticky folder owned by root (like /tmp itself) is accepted: others cannot replace our entries.
+    """
+    st = folder.lstat()
+    euid = os.geteuid()
+    if stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"the socket folder {folder} is a symbolic link; refusing to use it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartupError(f"the socket folder {folder} is not a folder")
+    if st.st_mode & stat.S_ISVTX and st.st_uid == 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750 if group_id is not None else 0o700)
-    if group_id is not None:
-        os.chown(path.parent, -1, group_id)
+    if st.st_uid != euid:
+        raise StartupError(
+            f"the socket folder {folder} belongs to uid {st.st_uid}, not to us (uid {euid}); "
+            f"someone else may control it: remove it or choose another --socket")
+    if st.st_mode & stat.S_IWOTH:
+        raise StartupError(f"the socket folder {folder} is writable by other users; "
+                           f"fix its mode (chmod o-w) or choose another --socket")
+    if st.st_mode & stat.S_IWGRP and (group_id is None or st.st_gid != group_id):
+        raise StartupError(f"the socket folder {folder} is writable by its group; "
+                           f"fix its mode (chmod g-w) or choose another --socket")
+
+
+def _chmod_nofollow(path: Path, mode: int) -> None:
+    try:
+        os.chmod(path, mode, follow_symlinks=False)
+    except (NotImplementedError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        # No lchmod here: chmod only what is still the socket we just bound (not a link).
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(errno.EPERM, "the socket was replaced before chmod") from None
+        os.chmod(path, mode)
 
 
 def check_socket_path(path: Path) -> bool:
@@ -122,9 +178,9 @@ def bind_unix_socket(path: Path, mode: int, group_id: int | None) -> socket.sock
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(str(path))
-        os.chmod(path, mode)
+        _chmod_nofollow(path, mode)
         if group_id is not None:
-            os.chown(path, -1, group_id)
+            os.chown(path, -1, group_id, follow_symlinks=False)
         sock.listen(128)
     except OSError as exc:
         sock.close()
@@ -189,7 +245,7 @@ class Daemon:
         try:
             _socket_dir(cfg.lock_path, group_id)
         except OSError as exc:
-            raise StartupError(f"cannot create {cfg.lock_path.parent}: {exc.strerror}") from None
+            raise StartupError(f"cannot create {cfg.lock_path.parent}: {exc.strerror or exc}") from None
         self.lock.acquire(cfg.socket_path)
         if not inherited:
             check_socket_path(cfg.socket_path)  # fail before the (slow) model load, not after

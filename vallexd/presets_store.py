@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vallexd import prompts
+from vallexd.cache import os_error
 from vallexd.errors import AlreadyExists, NotFound, PermissionDenied, TooLarge, VallexError
 from vallexd.fsutil import fsync_dir
 from vallexd.validate import is_valid_name, validate_name
@@ -162,10 +163,14 @@ class PresetStore:
             if not overwrite and (name in self._index or path.exists()):
                 raise AlreadyExists(f"voice {name!r} already exists; set overwrite to replace it",
                                     reason="PRESET_EXISTS", details={"name": name})
-            self.install_dir.mkdir(parents=True, exist_ok=True)
-            # Write the canonical re-encoding, so the file on disk is exactly what was validated
-            # (no extra arrays riding along in the upload).
-            prompts.save_prompt(prompt, path)
+            try:
+                self.install_dir.mkdir(parents=True, exist_ok=True)
+                # Write the canonical re-encoding, so the file on disk is exactly what was validated
+                # (no extra arrays riding along in the upload).
+                prompts.save_prompt(prompt, path)
+            except OSError as exc:
+                raise os_error(exc, f"install voice {name!r} in {self.install_dir}",
+                               "PRESET_WRITE_FAILED") from None
             preset = Preset(name, path, prompt, prompts.prompt_digest(prompt))
             self._index = {**self._index, name: preset}
         log.info("presets: installed %r (%d frames, %s)", name, prompt.num_frames, prompt.language)
@@ -186,9 +191,13 @@ class PresetStore:
                     reason="READ_ONLY_PRESET",
                     details={"name": name},
                 )
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            fsync_dir(self.install_dir)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                fsync_dir(self.install_dir)
+            except OSError as exc:
+                raise os_error(exc, f"remove voice {name!r} from {self.install_dir}",
+                               "PRESET_WRITE_FAILED") from None
             index = {k: v for k, v in self._index.items() if k != name}
             for folder in self.dirs[1:]:
                 candidate = folder / f"{name}{SUFFIX}"

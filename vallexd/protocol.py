@@ -42,8 +42,8 @@ def unpack_body(body: bytes) -> dict[str, Any]:
     """Decode a frame body; anything that is not a msgpack map is a protocol error."""
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"malformed msgpack frame: {exc}", reason="MALFORMED_FRAME") from None
+    except Exception:  # msgpack raises several unrelated types; their text is internal detail
+        raise ProtocolError("malformed msgpack frame", reason="MALFORMED_FRAME") from None
     if not isinstance(message, dict):
         raise ProtocolError("a frame must hold a msgpack map", reason="MALFORMED_FRAME")
     return message

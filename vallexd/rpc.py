@@ -39,6 +39,7 @@ class ServiceLike(Protocol):
     async def synthesize(self, params: dict[str, Any], *, peer: str, progress: Any = None,
                          cancelled: asyncio.Event | None = None) -> dict[str, Any]: ...
     async def status(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, Any]: ...
     async def presets_list(self) -> dict[str, Any]: ...
     async def presets_install(self, params: dict[str, Any]) -> dict[str, Any]: ...
     async def presets_remove(self, params: dict[str, Any]) -> dict[str, Any]: ...
@@ -233,6 +234,7 @@ class RpcServer:
         # None (clean EOF) or a VallexError (framing broken).
         frames: asyncio.Queue[dict[str, Any] | VallexError | None] = asyncio.Queue(maxsize=1)
         current: list[_Request] = []  # the running request, so EOF can cancel it
+        held: list[dict[str, Any] | VallexError | None] = []  # read, waiting for room in `frames`
 
         async def read_loop() -> None:
             while True:
@@ -245,7 +247,9 @@ class RpcServer:
                 if item is None:
                     for req in current:
                         req.cancelled.set()
+                held.append(item)
                 await frames.put(item)
+                held.clear()
                 if not isinstance(item, dict):
                     return
 
@@ -265,10 +269,6 @@ class RpcServer:
                                     item.reason or "")
                     await self._send_and_close(writer, proto.error(None, item))
                     return
-                if self._draining:
-                    await self._send_and_close(writer, proto.error(
-                        _safe_id(item), Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")))
-                    return
                 self._busy.add(task)
                 self.in_flight += 1
                 self._idle.clear()
@@ -285,6 +285,19 @@ class RpcServer:
             reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task
+            if self._draining:
+                # Requests the client already sent (read ahead, or read while the connection sat
+                # idle when shutdown began) get an answer instead of silence, as the protocol says.
+                unserved = []
+                while not frames.empty():
+                    unserved.append(frames.get_nowait())
+                unserved += held
+                for item in unserved:
+                    if isinstance(item, dict):
+                        access_log.info("rpc id=%s method=%s peer %s refused: UNAVAILABLE/SHUTTING_DOWN",
+                                        log_safe(_safe_id(item)), log_safe(item.get("method"), 64), peer)
+                        self._write(writer, proto.error(_safe_id(item), Unavailable(
+                            "the daemon is shutting down", reason="SHUTTING_DOWN")))
 
     async def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter, peer: Peer,
                       current: list[_Request]) -> None:

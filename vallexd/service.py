@@ -204,10 +204,12 @@ class Service:
         data = await asyncio.to_thread(wav_bytes, audio, rate)
         try:
             path: Path | None = await asyncio.to_thread(self.cache.put, key, data)
-        except OSError as exc:
+        except (OSError, VallexError) as exc:
             # A full or read-only cache must not throw away audio the client asked to receive.
             log.warning("cache: cannot store %s: %s", key[:12], exc)
             if not want_audio:
+                if isinstance(exc, VallexError):
+                    raise
                 raise Unavailable(f"cannot write the result to the cache: {exc.strerror or exc}",
                                   reason="CACHE_WRITE_FAILED") from None
             path = None
@@ -301,6 +303,16 @@ class Service:
         return result
 
     # ------------------------------------------------------------------ status
+    def health(self) -> dict[str, Any]:
+        """Liveness for /health: model loaded and not draining; cheap (no cache scan, no I/O)."""
+        engine = self.worker.engine
+        return {
+            "version": __version__,
+            "model_loaded": engine is not None,
+            "model_identity": str(engine.identity) if engine is not None else None,
+            "draining": self._state == "draining",
+        }
+
     async def status(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         validate_empty(params)
         cache = await asyncio.to_thread(self.cache.stats)
