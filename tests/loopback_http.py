@@ -69,8 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
     files: FileServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
-        pass
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep test output quiet: the server records requests in FileServer.log instead."""
 
     def do_GET(self) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NetworkUsed(AssertionError):
-    pass
+    """Raised by the no_network fixture when code under test opens a connection."""
 
 
 @pytest.fixture
