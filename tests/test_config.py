@@ -206,3 +206,11 @@ def test_unknown_user_in_path_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(["--config", f"~{user}/vallexd.toml"], XDG_ENV)
     assert info.value.details == {"source": "flag --config", "key": "config"}
+
+
+def test_threads_from_env_and_flag() -> None:
+    assert load_config([], XDG_ENV).threads == 0  # torch's default
+    assert load_config([], {**XDG_ENV, "VALLEXD_THREADS": "2"}).threads == 2
+    assert load_config(["--threads", "1"], {**XDG_ENV, "VALLEXD_THREADS": "2"}).threads == 1
+    with pytest.raises(ConfigError):
+        load_config(["--threads", "-1"], XDG_ENV)

@@ -241,7 +241,7 @@ async def test_drain_lets_the_running_request_finish(rpc_server) -> None:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_models):
     workdir = tmp_path_factory.mktemp("rpc") / "d"
-    d = start_daemon(workdir, tiny_models, ["--max-text-chars", "2000"])
+    d = start_daemon(workdir, tiny_models, ["--max-text-chars", "2000", "--threads", "1"])
     yield d
     assert d.stop() == 0
 
@@ -396,3 +396,9 @@ async def test_malformed_frame_message_is_fixed() -> None:
     with pytest.raises(VallexError) as info:
         protocol.unpack_body(b"\xc1\xc1\xc1")
     assert info.value.message == "malformed msgpack frame" and info.value.reason == "MALFORMED_FRAME"
+
+
+def test_status_reports_the_configured_thread_count(daemon: DaemonProcess) -> None:
+    status = daemon.call("status")
+    assert status["threads"] == 1  # --threads 1 reached torch in the model thread
+    assert status["device"] == "cpu" and status["dtype"] == "float32"

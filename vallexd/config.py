@@ -112,6 +112,7 @@ class Config:
     socket_group: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 = torch's default
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     http_token: str | None = None
@@ -326,6 +327,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_dir", "cache_dir", _string, "folder of cached WAV results", "path", metavar="DIR"),
     Option("device", "device", _device, "torch device: auto, cpu, cuda, cuda:N or mps", metavar="DEV"),
     Option("dtype", "dtype", _dtype, "model precision: auto, float32, float16 or bfloat16", metavar="DTYPE"),
+    Option("threads", "threads", _non_negative_int,
+           "CPU threads for the model; 0 = torch's default (one per core). On a busy or shared machine "
+           "1 is often faster: see bench/bench_model.py --threads", metavar="N"),
     Option("http_host", "http_host", _string, "address of the optional HTTP API", metavar="HOST"),
     Option("http_port", "http_port", _optional(_port),
            "port of the HTTP API; unset or 'off' disables it (0 picks a free port)", metavar="PORT"),

@@ -74,6 +74,11 @@ class Engine:
     def dtype(self) -> str:
         return dtype_name(self._dtype)
 
+    @property
+    def threads(self) -> int:
+        """torch's intra-op CPU threads (what --threads set, or torch's default)."""
+        return torch.get_num_threads()
+
     @classmethod
     def load(cls, checkpoint: Path, vocos_dir: Path, *, device: str = "auto", dtype: str = "auto") -> Engine:
         dev = resolve_device(device)

@@ -68,7 +68,8 @@ class Service:
         if worker is None:
             if config.checkpoint is None or config.vocos_dir is None:
                 raise InvalidArgument("no model configured: set checkpoint and vocos", reason="BAD_CONFIG")
-            loader = default_loader(config.checkpoint, config.vocos_dir, config.device, config.dtype)
+            loader = default_loader(config.checkpoint, config.vocos_dir, config.device, config.dtype,
+                                    config.threads)
             worker = ModelWorker(loader, queue_limit=config.queue_limit)
         self.worker = worker
         #: Set by the lifecycle once the static server child listens, e.g. "http://127.0.0.1:8080".
@@ -322,6 +323,7 @@ class Service:
             "protocol": PROTOCOL_VERSION,
             "device": str(engine.device) if engine is not None else self.config.device,
             "dtype": str(engine.dtype) if engine is not None else self.config.dtype,
+            "threads": engine.threads if engine is not None else self.config.threads,
             "model_loaded": engine is not None,
             "model_identity": str(engine.identity) if engine is not None else None,
             "queue_depth": self.worker.queue_depth,

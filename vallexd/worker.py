@@ -63,10 +63,16 @@ class Job:
         return self.abandon.is_set() or time.monotonic() > self.deadline
 
 
-def default_loader(checkpoint: Path, vocos_dir: Path, device: str, dtype: str) -> Callable[[], Any]:
+def default_loader(
+    checkpoint: Path, vocos_dir: Path, device: str, dtype: str, threads: int = 0
+) -> Callable[[], Any]:
     def load() -> Any:
-        from vallexd.engine import Engine  # torch: only ever imported in the model thread
+        import torch  # only ever imported in the model thread
 
+        from vallexd.engine import Engine
+
+        if threads:  # process-wide, but the model thread is the only one running torch
+            torch.set_num_threads(threads)
         return Engine.load(checkpoint, vocos_dir, device=device, dtype=dtype)
 
     return load
