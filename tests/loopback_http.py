@@ -14,6 +14,7 @@ that a resume really asked for the missing bytes only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import threading
 import urllib.parse
@@ -81,8 +82,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_simple(404, b"not found")
             return
         data = target.read_bytes()
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
         start = 0
         match = _RANGE.match(rng or "")
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range != etag:
+            match = None  # RFC 9110: the resource changed, so the Range is ignored: send it whole
         if match and self.files.ranges:
             start = int(match.group(1))
             if start >= len(data):
@@ -98,6 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("ETag", etag)
         if self.files.ranges:
             self.send_header("Accept-Ranges", "bytes")
         self.end_headers()

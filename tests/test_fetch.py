@@ -81,6 +81,24 @@ def test_interrupted_download_resumes_with_range(files: tuple[FileServer, bytes]
     assert server.requests_for("/blob.bin") == [None, "bytes=100000-"]
 
 
+def test_resume_never_splices_a_file_that_changed_upstream(files: tuple[FileServer, bytes],
+                                                           tmp_path: Path) -> None:
+    """Interrupted, then the file changes on the server: If-Range makes the server send it whole."""
+    server, blob = files
+    dest = tmp_path / "dl" / "blob.bin"
+    server.drop["/blob.bin"] = (100_000, 1)
+    with pytest.raises(DownloadFailed):
+        download(f"{server.url}/blob.bin", dest, retries=0)  # no digest known: trust on first use
+    assert part_path(dest).stat().st_size == 100_000
+    new_blob = os.urandom(len(blob))
+    (server.root / "blob.bin").write_bytes(new_blob)
+
+    result = download(f"{server.url}/blob.bin", dest, retries=0)
+    assert dest.read_bytes() == new_blob and not result.resumed
+    assert result.sha256 == sha(new_blob)
+    assert list(dest.parent.iterdir()) == [dest]  # no part file, no validator left behind
+
+
 def test_complete_part_file_is_kept_not_downloaded_again(files: tuple[FileServer, bytes],
                                                          tmp_path: Path) -> None:
     """A run stopped between the last byte and the rename: the server answers 416 `bytes */N` with

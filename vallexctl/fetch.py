@@ -1,9 +1,11 @@
 """Downloading files: one implementation for model weights and voice presets.
 
-`download()` streams a URL into `<dest>.part` while hashing it, resumes an
-interrupted transfer with an HTTP Range request, checks the size and the
-sha256, and only then renames the part file over `dest` (after an fsync), so
-`dest` is either absent or complete and verified.  A digest mismatch deletes
+`download()` streams a URL into `<dest>.part`, resumes an interrupted transfer
+with an HTTP Range request (guarded by If-Range with the first response's ETag
+or Last-Modified, kept in `<dest>.part.validator`, so bytes of a file that
+changed upstream are never spliced together), checks the size and the sha256,
+and only then renames the part file over `dest` (after an fsync), so `dest` is
+either absent or complete and verified.  A digest mismatch deletes
 the part file: nothing unverified is left behind.
 
 Standard library only (urllib): the client must start fast and must not need
@@ -135,11 +137,12 @@ def download(
     try:
         check_digest(actual, sha256=sha256, sha256_prefix=sha256_prefix, what=url)
     except DigestMismatch:
-        part.unlink(missing_ok=True)  # never keep, and never resume from, bytes we know are wrong
+        _discard(part)  # never keep, and never resume from, bytes we know are wrong
         raise
     size = part.stat().st_size
     _fsync_path(part)
     os.replace(part, dest)
+    _validator_path(part).unlink(missing_ok=True)
     _fsync_path(dest.parent)
     return FetchResult(path=dest, sha256=actual, size=size, resumed=resumed)
 
@@ -161,8 +164,13 @@ def _transfer(
     """
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    validator = _validator_path(part)
     if have:
         headers["Range"] = f"bytes={have}-"
+        if validator.exists():
+            # If the file changed upstream since the part was started, the server sends it whole
+            # (200) instead of splicing new bytes onto old ones.
+            headers["If-Range"] = validator.read_text(encoding="ascii").strip()
     req = urllib.request.Request(url, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
@@ -175,7 +183,7 @@ def _transfer(
             if complete and int(complete.group(1)) == have:
                 return True
             # Otherwise our part file is longer than the resource: it cannot be a prefix of it.
-            part.unlink(missing_ok=True)
+            _discard(part)
             raise _Restart(f"server refused the resume range ({exc.code})") from None
         if exc.code in (404, 410):
             raise NotFound(f"{url} does not exist (HTTP {exc.code})", reason="HTTP_NOT_FOUND") from None
@@ -189,7 +197,7 @@ def _transfer(
     with resp:
         planned = _plan(resp, have)
         if planned is None:  # a range we did not ask for: refuse to splice it in
-            part.unlink(missing_ok=True)
+            _discard(part)
             raise _Restart(f"server answered an unexpected range for offset {have}")
         start, total = planned
         if max_bytes is not None and total is not None and total > max_bytes:
@@ -198,6 +206,8 @@ def _transfer(
             )
         # start == 0 with have > 0: the server ignored Range (200): truncate and take it whole.
         mode = "ab" if start else "wb"
+        if not start:
+            _remember_validator(resp, validator)
         done = start
         with part.open(mode) as out:
             if progress is not None:
@@ -208,7 +218,7 @@ def _transfer(
                     done += len(chunk)
                     if max_bytes is not None and done > max_bytes:
                         out.close()
-                        part.unlink(missing_ok=True)
+                        _discard(part)
                         raise InvalidArgument(
                             f"{url} is over the limit of {max_bytes} bytes", reason="DOWNLOAD_TOO_LARGE"
                         )
@@ -223,10 +233,31 @@ def _transfer(
     if total is not None and done < total:
         raise _Retryable(f"connection closed after {done} of {total} bytes")
     if total is not None and done > total:
-        part.unlink(missing_ok=True)
+        _discard(part)
         raise DownloadFailed(f"{url}: server sent {done} bytes, more than announced ({total})",
                              reason="BAD_LENGTH")
     return start > 0
+
+
+def _validator_path(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _remember_validator(resp: object, path: Path) -> None:
+    """Keep the response's strong ETag (or Last-Modified) beside the part file for If-Range."""
+    headers = resp.headers  # type: ignore[attr-defined]
+    etag = (headers.get("ETag") or "").strip()
+    value = etag if etag and not etag.startswith("W/") else (headers.get("Last-Modified") or "").strip()
+    if value and value.isascii():
+        path.write_text(value + "\n", encoding="ascii")
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _discard(part: Path) -> None:
+    """Drop a part file that cannot be continued, with its validator."""
+    part.unlink(missing_ok=True)
+    _validator_path(part).unlink(missing_ok=True)
 
 
 def _plan(resp: object, have: int) -> tuple[int, int | None] | None:
