@@ -14,7 +14,6 @@ anything the daemon does not already pull in.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vallexd.errors import ErrorCode, InvalidArgument, NotFound, VallexError
+from vallexd.fsutil import sha256_file
 
 #: progress(done_bytes, total_bytes_or_None); called often, keep it cheap.
 Progress = Callable[[int, "int | None"], None]
@@ -55,20 +55,6 @@ class FetchResult:
 
 def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
-
-
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """Streaming sha256 of a file (model files are 1.5 GB: never read them whole)."""
-    digest = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total)
-    return digest.hexdigest()
 
 
 def check_digest(actual: str, *, sha256: str | None, sha256_prefix: str | None, what: str) -> None:

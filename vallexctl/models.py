@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vallexctl.fetch import DigestMismatch, Progress, check_digest, download, sha256_file
+from vallexctl.fetch import DigestMismatch, Progress, check_digest, download
 from vallexd import fsutil
 from vallexd.errors import InvalidArgument
+from vallexd.fsutil import sha256_file
 
 BASE_URL_ENV = "VALLEXCTL_MODELS_BASE_URL"
 MANIFEST = "manifest.json"

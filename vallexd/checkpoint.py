@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from vallexd.errors import ErrorCode, NotFound, VallexError
+from vallexd.errors import NotFound
 from vallexd.model import ModelConfig, VallEX
+from vallexd.weights import WeightsError, load_weights
 
 DEFAULT_CONFIG = ModelConfig()  # 1024 / 16 heads / 12 layers: the published checkpoint
 _LAYER_KEY = re.compile(r"^ar_decoder\.layers\.(\d+)\.")
@@ -36,16 +37,10 @@ _CONFIG_KEYS = {
 }
 
 
-class CheckpointError(VallexError):
+class CheckpointError(WeightsError):
     """A checkpoint file that is not a loadable VALL-E X checkpoint."""
 
-    code = ErrorCode.INVALID_ARGUMENT
-
-    def __init__(self, message: str, *, path: Path, key: str | None = None) -> None:
-        details: dict[str, Any] = {"path": str(path)}
-        if key is not None:
-            details["key"] = key
-        super().__init__(f"{path}: {message}", reason="BAD_CHECKPOINT", details=details)
+    reason_code = "BAD_CHECKPOINT"
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -53,19 +48,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"checkpoint file {str(path)!r} does not exist", reason="CHECKPOINT_NOT_FOUND")
-    try:
-        # No mmap on purpose: with load_state_dict(assign=True) the loaded tensors *become* the model's
-        # parameters, so reading them once into memory costs exactly the model's size (measured peak RSS
-        # 2.1 GB for the 1.5 GB file, the same as steady state).  A memory-mapped model would instead
-        # depend on the file staying untouched for the daemon's lifetime (rewriting it in place SIGBUSes
-        # the process), and copying out of the mapping would double the peak (3.6 GB measured).
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # garbage, truncated, or pickled objects refused by weights_only
-        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise CheckpointError(
-            f"not a readable checkpoint ({type(exc).__name__}: {first_line})", path=path
-        ) from None
-    if not isinstance(obj, dict) or "model" not in obj:
+    # No mmap on purpose: with load_state_dict(assign=True) the loaded tensors *become* the model's
+    # parameters, so reading them once into memory costs exactly the model's size (measured peak RSS
+    # 2.1 GB for the 1.5 GB file, the same as steady state).  A memory-mapped model would instead
+    # depend on the file staying untouched for the daemon's lifetime (rewriting it in place SIGBUSes
+    # the process), and copying out of the mapping would double the peak (3.6 GB measured).
+    obj = load_weights(path, CheckpointError, "checkpoint")
+    if "model" not in obj:
         raise CheckpointError('expected a dict with a "model" state dict', path=path)
     state = obj["model"]
     if not isinstance(state, dict):

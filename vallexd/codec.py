@@ -16,7 +16,8 @@ import torch
 import torchaudio.functional as AF
 from encodec import EncodecModel
 
-from vallexd.errors import ErrorCode, InvalidArgument, NotFound, TooLarge, VallexError
+from vallexd.errors import InvalidArgument, NotFound, TooLarge
+from vallexd.weights import WeightsError, load_weights
 
 SAMPLE_RATE = 24000
 BANDWIDTH_KBPS = 6.0  # 8 codebooks
@@ -32,11 +33,8 @@ def build_encodec_24khz() -> EncodecModel:
         return EncodecModel.encodec_model_24khz(pretrained=False)
 
 
-class CodecError(VallexError):
-    code = ErrorCode.INVALID_ARGUMENT
-
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(f"{path}: {message}", reason="BAD_CODEC", details={"path": str(path)})
+class CodecError(WeightsError):
+    reason_code = "BAD_CODEC"
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
@@ -103,12 +101,7 @@ class AudioTokenizer:
         if not weights.is_file():
             raise NotFound(f"EnCodec weights {str(weights)!r} do not exist", reason="CODEC_NOT_FOUND")
         model = build_encodec_24khz()  # architecture only: no download
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CodecError(f"not a readable state dict ({type(exc).__name__})", path=weights) from None
-        if not isinstance(state, dict):
-            raise CodecError("not a state dict", path=weights)
+        state = load_weights(weights, CodecError)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

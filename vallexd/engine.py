@@ -21,9 +21,10 @@ import torch
 from vallexd.checkpoint import load_model
 from vallexd.devices import dtype_name, resolve_device, resolve_dtype
 from vallexd.errors import Internal, InvalidArgument
+from vallexd.fsutil import sha256_file
 from vallexd.model import MODEL_LANGUAGES, NUM_QUANTIZERS, VallEX, language_ids
 from vallexd.prompts import LANG_CODES, Prompt, validate_arrays
-from vallexd.vocoder import HOP, SAMPLE_RATE, Vocoder, file_digest
+from vallexd.vocoder import HOP, SAMPLE_RATE, Vocoder
 
 MIN_TEMPERATURE = 0.01
 
@@ -92,7 +93,7 @@ class Engine:
             Path(vocos_dir) / "config.yaml",
             Path(vocos_dir) / "pytorch_model.bin",
         ):
-            h.update(file_digest(part).digest())
+            h.update(bytes.fromhex(sha256_file(part)))
         h.update(dtype_name(dt).encode())
         h.update(dev.type.encode())  # CPU and CUDA generators draw differently for the same seed
         return cls(model, vocoder, dev, dt, h.hexdigest())

@@ -1,4 +1,6 @@
-"""Crash-safe file writes, shared by the cache, prompt files, tools and the client (torch-free).
+"""Crash-safe file writes and streaming digests, shared by the cache, prompts, tools and the client.
+
+Torch-free (the client imports it).
 
 A reader (the static server, a client, the next daemon start) must see either the old file or the
 new one, never half of one: write a temp file in the destination's folder (same filesystem, so the
@@ -10,8 +12,10 @@ up; callers that sweep leftovers at start pass their own prefix/suffix.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -65,3 +69,17 @@ def atomic_write(
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def sha256_file(path: Path, progress: Callable[[int, int], None] | None = None) -> str:
+    """Streaming sha256 hex digest (model files are 1.5 GB: never read them whole)."""
+    digest = hashlib.sha256()
+    total = os.stat(path).st_size
+    done = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    return digest.hexdigest()

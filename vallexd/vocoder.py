@@ -12,7 +12,6 @@ So `OfflineEncodecFeatures` builds the same EnCodec architecture with
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ from vocos.feature_extractors import EncodecFeatures, FeatureExtractor
 from vocos.pretrained import instantiate_class
 
 from vallexd.codec import build_encodec_24khz
-from vallexd.errors import ErrorCode, NotFound, VallexError
+from vallexd.errors import NotFound
+from vallexd.weights import WeightsError, load_weights
 
 SAMPLE_RATE = 24000
 HOP = 320  # samples per code frame (75 frames a second)
@@ -33,11 +33,8 @@ FEATURES_CLASS = "vocos.feature_extractors.EncodecFeatures"
 VOCOS_FILES = ("config.yaml", "pytorch_model.bin")
 
 
-class VocoderError(VallexError):
-    code = ErrorCode.INVALID_ARGUMENT
-
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(f"{path}: {message}", reason="BAD_VOCODER", details={"path": str(path)})
+class VocoderError(WeightsError):
+    reason_code = "BAD_VOCODER"
 
 
 class OfflineEncodecFeatures(EncodecFeatures):
@@ -102,15 +99,6 @@ def build_vocos(config: dict[str, Any]) -> Vocos:
     return Vocos(feature_extractor=features, backbone=backbone, head=head)
 
 
-def file_digest(path: Path, h: Any | None = None) -> Any:
-    """Stream a file into a sha256 (1 MiB at a time) and return the hash object."""
-    h = h or hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h
-
-
 class Vocoder:
     """codes (T, 8) -> 24 kHz mono float32 audio of T x 320 samples."""
 
@@ -132,12 +120,7 @@ class Vocoder:
         except (TypeError, ValueError, AttributeError, ImportError) as exc:
             raise VocoderError(f"bad class_path/init_args: {exc}", path=folder / "config.yaml") from None
         weights = folder / "pytorch_model.bin"
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise VocoderError(f"not a readable state dict ({type(exc).__name__})", path=weights) from None
-        if not isinstance(state, dict):
-            raise VocoderError("not a state dict", path=weights)
+        state = load_weights(weights, VocoderError)
         try:
             missing, unexpected = vocos.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatches raise even when strict=False
