@@ -23,9 +23,10 @@ import time
 import numpy as np
 import torch
 
-from vallexd.devtools import random_encodec, random_vocos_state, vocos_config
-from vallexd.model import ModelConfig, VallEX
-from vallexd.vocoder import SAMPLE_RATE, Vocoder, build_vocos
+from vallexd.constants import SAMPLE_RATE
+from vallexd.inference.model import ModelConfig, VallEX
+from vallexd.inference.vocoder import Vocoder, build_vocos
+from vallexd.tools.tiny_weights import random_encodec, random_vocos_state, vocos_config
 
 REFERENCE_AR_NAR_S = 30.9
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vallexd.constants import LANGUAGES
 from vallexd.errors import InvalidArgument, NotFound
 
 if sys.version_info >= (3, 11):
@@ -27,7 +28,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 ENV_VAR = "VALLEXCTL_CATALOGUE"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-LANGUAGES = ("en", "zh", "ja")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """vallexctl: talk to a running vallexd, manage voices, the cache and the model files.
 
 The group, its global options and the small daemon commands live here; the
-bigger commands are in `commands_*.py`.  Nothing heavy is imported at module
+bigger commands are in `commands/`.  Nothing heavy is imported at module
 level (no torch, engine or text front end): `vallexctl status` must start in
 a blink.  Every error is one line on stderr and a documented exit code.
 """
@@ -15,15 +15,16 @@ from typing import Any
 
 import click
 
-from vallexctl.client import Client
+from vallexctl.commands import presets as commands_presets
+from vallexctl.commands import setup as commands_setup
+from vallexctl.commands import speak as commands_speak
+from vallexctl.context import State, default_socket, state
 from vallexctl.output import (
     EXIT_OTHER,
-    State,
     emit,
     error_line,
     exit_code_for,
     json_option,
-    state,
 )
 from vallexctl.units import format_duration, format_size, parse_duration, parse_size
 from vallexd import __version__
@@ -56,23 +57,6 @@ class VallexGroup(click.Group):
             ctx.exit(EXIT_OTHER)
 
 
-SYSTEM_SOCKET = Path("/run/vallexd/vallexd.sock")
-
-
-def default_socket() -> Path:
-    """The daemon's own default for this user; else the system service's socket if that exists.
-
-    A user's shell has no RUNTIME_DIRECTORY, so the daemon's default resolves to the per-user
-    path; when only the system service (systemd/vallexd.socket) is running, use its socket.
-    """
-    from vallexd.config import default_paths
-
-    mine = default_paths().socket_path
-    if not mine.exists() and SYSTEM_SOCKET.exists():
-        return SYSTEM_SOCKET
-    return mine
-
-
 @click.group(cls=VallexGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", envvar="VALLEXD_SOCKET", type=click.Path(path_type=Path),
               help="The daemon's Unix socket [env VALLEXD_SOCKET; default: $XDG_RUNTIME_DIR/vallexd/"
@@ -94,11 +78,6 @@ def cli(ctx: click.Context, socket_path: Path | None, timeout: float | None) -> 
                     json=bool(ctx.meta.get("vallexctl.json")))
 
 
-def client() -> Client:
-    s = state()
-    return Client(s.socket_path, timeout=s.timeout)
-
-
 # --------------------------------------------------------------------------- status
 
 
@@ -106,7 +85,7 @@ def client() -> Client:
 @json_option
 def status() -> None:
     """Show the daemon's state: model, device, queue, cache, presets."""
-    with client() as c:
+    with state().client() as c:
         result = c.call("status")
 
     def human() -> None:
@@ -144,7 +123,7 @@ def cache() -> None:
 @json_option
 def cache_stats() -> None:
     """Files and bytes in the cache."""
-    with client() as c:
+    with state().client() as c:
         result = c.call("cache.stats")
     emit(result, f"{result.get('files', 0)} files, {format_size(int(result.get('bytes') or 0))} "
                  f"in {result.get('dir')}")
@@ -168,7 +147,7 @@ def cache_prune(older_than: str | None, max_size: str | None, dry_run: bool) -> 
         raise click.UsageError(exc.message) from None
     if older_than is None and max_size is None:
         raise click.UsageError("say what to prune: --older-than AGE and/or --max-size SIZE")
-    with client() as c:
+    with state().client() as c:
         result = c.call("cache.prune", params)
     verb = "would remove" if result.get("dry_run") else "removed"
     freed = format_size(int(result.get("freed_bytes") or 0))
@@ -188,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_OTHER)
 
 
-# Commands defined in their own modules register themselves on `cli`.
-from vallexctl import commands_presets, commands_setup, commands_speak  # noqa: E402
-
+# The command modules add their commands to the group.
 commands_speak.register(cli)
 commands_presets.register(cli)
 commands_setup.register(cli)

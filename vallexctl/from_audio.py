@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vallexd.constants import ENCODEC_FILE
 from vallexd.errors import InvalidArgument, NotFound, TooLarge
-
-ENCODEC_FILE = "encodec_24khz-d7cc33bc.th"
 
 
 def default_encodec_path() -> Path:
@@ -63,12 +62,12 @@ def prompt_bytes_from_audio(wav: Path, transcript: str, language: str, *, encode
 
     import numpy as np
 
-    from vallexd.codec import AudioTokenizer
-    from vallexd.prompts import Prompt, prompt_to_bytes, validate_arrays
+    from vallexd.inference.encodec import AudioTokenizer
+    from vallexd.storage.prompts import Prompt, prompt_to_bytes, validate_arrays
 
     codes = AudioTokenizer.load(encodec_path, device="cpu").encode_file(wav)  # (1, T, 8) int64
     text = np.asarray([ph.ids], dtype=np.int64)
-    from vallexd.prompts import LANG_CODES
+    from vallexd.constants import LANG_CODES
 
     prompt: Prompt = validate_arrays(codes, text, np.asarray(LANG_CODES[ph.language]), wav.name)
     return prompt_to_bytes(prompt)

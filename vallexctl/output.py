@@ -11,15 +11,15 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
 from vallexctl.client import DaemonUnreachable
-from vallexd import fsutil
+from vallexctl.context import State, state
 from vallexd.errors import ErrorCode, InvalidArgument, NotFound, VallexError
+from vallexd.storage import fsutil
 
 # Documented in the README ("Exit codes").
 EXIT_OK = 0
@@ -69,23 +69,6 @@ def error_line(exc: VallexError) -> str:
         hint = hint or "see `vallexctl presets list` for installed voices"
     line = f"vallexctl: {message}" + (f": {hint}" if hint else "")
     return " ".join(line.split())
-
-
-@dataclass
-class State:
-    """Per-invocation options shared by every command (ctx.obj)."""
-
-    socket_path: Path
-    json: bool = False
-    timeout: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def state(ctx: click.Context | None = None) -> State:
-    ctx = ctx or click.get_current_context()
-    obj = ctx.find_object(State)
-    assert obj is not None, "the vallexctl group sets State"
-    return obj
 
 
 def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imports stay inside main so `vallexd --help` and config errors answer quickly.
     from vallexd.config import load_config
     from vallexd.errors import VallexError
-    from vallexd.lifecycle import Daemon, StartupError, setup_logging
+    from vallexd.server.daemon import Daemon, StartupError, setup_logging
 
     try:
         config = load_config(sys.argv[1:] if argv is None else argv)

@@ -3,7 +3,7 @@
 This module is torch-free on purpose: `vallexctl` imports it to read wire
 errors, and it must start fast.  Every failure that reaches a client is a
 `VallexError` carrying an `ErrorCode`; the daemon converts anything else to
-`INTERNAL` in exactly one place (see `vallexd.rpc` / `vallexd.http_api`).
+`INTERNAL` in exactly one place (see `vallexd.server.rpc` / `vallexd.server.http_api`).
 """
 
 from __future__ import annotations

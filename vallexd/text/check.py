@@ -1,4 +1,4 @@
-"""Compare this front end with the reference cases (`python -m vallexd.reference g2p CASES_JSONL`).
+"""Compare this front end with the reference cases (`python -m vallexd.tools.conformance g2p CASES_JSONL`).
 
 Each line of the cases file is a JSON object with `text`, `language`, `phonemes`,
 `ids` and `langs` (see the reference README). A case matches when all three

@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
 from vallexd.errors import InvalidArgument, TooLarge
 from vallexd.text import segments
 from vallexd.text.segments import LANGUAGES, Segment
 from vallexd.text.vocab import has_sound, phoneme_ids
-
-REQUEST_LANGUAGES = ("en", "zh", "ja", "mix", "auto")
-ACCENTS = ("native", "request", "en", "zh", "ja")
 
 
 @dataclass(frozen=True)

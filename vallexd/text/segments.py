@@ -21,10 +21,10 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from vallexd.constants import LANGUAGES
 from vallexd.errors import InvalidArgument
 from vallexd.text.lazy import Lazy
 
-LANGUAGES = ("en", "zh", "ja")
 TAG_TO_LANGUAGE = {"EN": "en", "ZH": "zh", "JA": "ja"}
 LANGUAGE_TO_TAG = {v: k for k, v in TAG_TO_LANGUAGE.items()}
 TAG_RE = re.compile(r"\[(EN|ZH|JA)\]")
@@ -110,17 +110,6 @@ def parse_mix(text: str) -> list[tuple[str, Segment | None]]:
 
 def mix_segments(text: str) -> list[Segment]:
     return [seg for _, seg in parse_mix(text) if seg is not None]
-
-
-def render_mix(units: list[tuple[str, Segment | None]]) -> str:
-    """Inverse of parse_mix."""
-    parts = []
-    for outside, seg in units:
-        parts.append(outside)
-        if seg is not None:
-            tag = f"[{LANGUAGE_TO_TAG[seg.language]}]"
-            parts.append(f"{tag}{seg.text}{tag}")
-    return "".join(parts)
 
 
 def finish_segment(phonemes: str) -> str:

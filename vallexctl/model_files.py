@@ -1,0 +1,186 @@
+"""The model files vallexd needs, where they come from, and how we know they are intact.
+
+Only the EnCodec weights publish (part of) their digest: the first 8 hex
+digits of the sha256 are in the file name.  For the others we record the
+sha256 at the first download in `manifest.json` in the models folder
+(trust on first use) and check every later fetch and `models verify`
+against it, so a corrupted or swapped file is noticed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vallexctl.download import DigestMismatch, Progress, check_digest, download
+from vallexd.errors import InvalidArgument
+from vallexd.storage import fsutil
+from vallexd.storage.fsutil import sha256_file
+
+BASE_URL_ENV = "VALLEXCTL_MODELS_BASE_URL"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    key: str
+    relpath: str  # inside the models folder; also the path under a mirror's --base-url
+    url: str  # the public origin
+    sha256_prefix: str | None = None
+    required: bool = True  # EnCodec is only needed for `preset install --from-audio`
+    about: str = ""
+
+    def source(self, base_url: str | None) -> str:
+        return f"{base_url.rstrip('/')}/{self.relpath}" if base_url else self.url
+
+
+MODEL_FILES: tuple[ModelFile, ...] = (
+    ModelFile("checkpoint", "vallex-checkpoint.pt",
+              "https://huggingface.co/Plachta/VALL-E-X/resolve/main/vallex-checkpoint.pt",
+              about="VALL-E X checkpoint (about 1.5 GB)"),
+    ModelFile("vocos-config", "vocos-encodec-24khz/config.yaml",
+              "https://huggingface.co/charactr/vocos-encodec-24khz/resolve/main/config.yaml",
+              about="Vocos vocoder config"),
+    ModelFile("vocos-weights", "vocos-encodec-24khz/pytorch_model.bin",
+              "https://huggingface.co/charactr/vocos-encodec-24khz/resolve/main/pytorch_model.bin",
+              about="Vocos vocoder weights (about 30 MB)"),
+    ModelFile("encodec", "encodec_24khz-d7cc33bc.th",
+              "https://dl.fbaipublicfiles.com/encodec/v0/encodec_24khz-d7cc33bc.th",
+              sha256_prefix="d7cc33bc", required=False,
+              about="EnCodec 24 kHz weights (about 90 MB; for presets made from audio)"),
+)
+ENCODEC = MODEL_FILES[3]
+
+
+def base_url_from(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    url = flag or env.get(BASE_URL_ENV) or None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise InvalidArgument(f"--base-url must be an http(s) URL, got {url!r}", reason="BAD_URL")
+    return url
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def read_manifest(models_dir: Path) -> dict[str, dict[str, Any]]:
+    path = models_dir / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc}; fix or delete it", reason="BAD_MANIFEST") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    return {k: v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
+
+
+def write_manifest(models_dir: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Atomic write: a crash leaves the old manifest or the new one, never half of one."""
+    body = json.dumps({"version": 1, "files": files}, indent=2, sort_keys=True) + "\n"
+    fsutil.atomic_write(models_dir / MANIFEST, body.encode("utf-8"), prefix=".manifest.")
+
+
+# --------------------------------------------------------------------------- fetch / verify
+
+
+@dataclass(frozen=True)
+class FileReport:
+    relpath: str
+    status: str  # "downloaded", "present", "missing", "ok", "mismatch", "recorded"
+    sha256: str | None = None
+    size: int | None = None
+    detail: str = ""
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.relpath, "status": self.status, "sha256": self.sha256, "size": self.size,
+                "detail": self.detail, "resumed": self.resumed}
+
+
+def fetch_models(
+    models_dir: Path,
+    *,
+    base_url: str | None = None,
+    include_optional: bool = True,
+    progress_for: Callable[[ModelFile], Progress | None] | None = None,
+    hash_progress_for: Callable[[ModelFile], Progress | None] | None = None,
+    retries: int = 2,
+) -> list[FileReport]:
+    """Download what is missing, check what is there; the manifest pins every digest."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(models_dir)
+    reports: list[FileReport] = []
+    for mf in MODEL_FILES:
+        if not mf.required and not include_optional:
+            continue
+        dest = models_dir / mf.relpath
+        pinned = manifest.get(mf.relpath, {}).get("sha256")
+        if dest.is_file():
+            actual = sha256_file(dest, hash_progress_for(mf) if hash_progress_for else None)
+            try:
+                check_digest(actual, sha256=pinned, sha256_prefix=mf.sha256_prefix, what=str(dest))
+            except DigestMismatch as exc:
+                exc.message += "; the file is damaged or was replaced: delete it and fetch again"
+                exc.args = (exc.message,)
+                raise
+            if pinned is None:
+                manifest[mf.relpath] = _pin(actual, dest.stat().st_size, "(already present)")
+                write_manifest(models_dir, manifest)
+            reports.append(FileReport(mf.relpath, "present", actual, dest.stat().st_size))
+            continue
+        url = mf.source(base_url)
+        try:
+            result = download(url, dest, sha256=pinned, sha256_prefix=mf.sha256_prefix,
+                              progress=progress_for(mf) if progress_for else None, retries=retries)
+        except DigestMismatch as exc:
+            if pinned is not None:
+                exc.message += (
+                    f" (the digest recorded at the first download in {models_dir / MANIFEST}; "
+                    "if the upstream file really changed, delete its entry there and fetch again)"
+                )
+                exc.args = (exc.message,)
+            raise
+        if pinned is None:
+            manifest[mf.relpath] = _pin(result.sha256, result.size, url)
+            write_manifest(models_dir, manifest)
+        reports.append(FileReport(mf.relpath, "downloaded", result.sha256, result.size, url, result.resumed))
+    return reports
+
+
+def verify_models(
+    models_dir: Path, *, hash_progress_for: Callable[[ModelFile], Progress | None] | None = None
+) -> list[FileReport]:
+    """Hash every file and compare with the manifest (and EnCodec's name prefix); changes nothing."""
+    manifest = read_manifest(models_dir)
+    reports: list[FileReport] = []
+    for mf in MODEL_FILES:
+        dest = models_dir / mf.relpath
+        if not dest.is_file():
+            reports.append(FileReport(mf.relpath, "missing", detail="" if mf.required else "optional"))
+            continue
+        actual = sha256_file(dest, hash_progress_for(mf) if hash_progress_for else None)
+        pinned = manifest.get(mf.relpath, {}).get("sha256")
+        try:
+            check_digest(actual, sha256=pinned, sha256_prefix=mf.sha256_prefix, what=mf.relpath)
+        except DigestMismatch as exc:
+            reports.append(FileReport(mf.relpath, "mismatch", actual, dest.stat().st_size, exc.message))
+            continue
+        status = "ok" if pinned or mf.sha256_prefix else "unpinned"
+        detail = "" if pinned else "no digest recorded yet (run `vallexctl models fetch` to record it)"
+        reports.append(FileReport(mf.relpath, status, actual, dest.stat().st_size, detail))
+    return reports
+
+
+def models_present(models_dir: Path) -> bool:
+    return all((models_dir / mf.relpath).is_file() for mf in MODEL_FILES if mf.required)
+
+
+def _pin(sha256: str, size: int, source: str) -> dict[str, Any]:
+    return {"sha256": sha256, "size": size, "source": source,
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

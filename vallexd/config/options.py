@@ -1,0 +1,396 @@
+"""The daemon's configuration: one frozen `Config`, built once at start.
+
+Sources, lowest priority first: built-in defaults < TOML file (`--config PATH`
+or `VALLEXD_CONFIG`) < `VALLEXD_*` environment variables < command-line flags.
+Every option has one *key*; the same key names it in all three places:
+
+    key "http_port"  ->  TOML `http_port = 8081`, env `VALLEXD_HTTP_PORT=8081`, flag `--http-port 8081`
+
+Torch-free on purpose: the client imports `default_paths` to find the socket.
+A bad value raises `ConfigError` naming the source (flag / environment / file)
+and the key, so a typo in a unit file is easy to find in the journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vallexd.config.paths import default_paths
+from vallexd.config.settings import Config, ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "VALLEXD_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# "auto", "cpu", "mps", "cuda" or "cuda:N": what Engine.load understands.
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
+
+
+# --------------------------------------------------------------------------- value parsers
+# Each parser takes the raw value (str from env/flags, any TOML type from the file)
+# and returns the typed value or raises ValueError with a human explanation.
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):  # TOML true is not 1
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip(), 10)
+        except ValueError:
+            pass
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    else:
+        raise ValueError(f"expected a number, got {value!r}")
+    if result != result or result in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return result
+
+
+def _non_negative_int(value: Any) -> int:
+    n = _to_int(value)
+    if n < 0:
+        raise ValueError(f"must be >= 0, got {n}")
+    return n
+
+
+def _positive_int(value: Any) -> int:
+    n = _to_int(value)
+    if n <= 0:
+        raise ValueError(f"must be > 0, got {n}")
+    return n
+
+
+def _positive_float(value: Any) -> float:
+    x = _to_float(value)
+    if x <= 0:
+        raise ValueError(f"must be > 0, got {x:g}")
+    return x
+
+
+def _non_negative_float(value: Any) -> float:
+    x = _to_float(value)
+    if x < 0:
+        raise ValueError(f"must be >= 0, got {x:g}")
+    return x
+
+
+def _port(value: Any) -> int:
+    n = _to_int(value)
+    if not 0 <= n <= 65535:
+        raise ValueError(f"port must be 0..65535, got {n}")
+    return n
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """'' / 'off' / 'none' (any case) mean None, so env and TOML can switch an option off."""
+
+    def parse_optional(value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "none")):
+            return None
+        return parse(value)
+
+    return parse_optional
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an octal mode such as 660, got {value!r}")
+    if isinstance(value, int):  # TOML: write it as 0o660
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", text):
+            raise ValueError(f"expected an octal mode such as 660 or 0o660, got {value!r}")
+        n = int(text, 8)
+    else:
+        raise ValueError(f"expected an octal mode, got {value!r}")
+    if not 0 <= n <= 0o777:
+        raise ValueError(f"mode must be within 0o000..0o777, got {oct(n)}")
+    return n
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    if "\0" in value:
+        raise ValueError("must not contain NUL characters")
+    return value.strip()
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+    raise ValueError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _device(value: Any) -> str:
+    text = _string(value).lower()
+    if not _DEVICE_RE.match(text):
+        raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def _dtype(value: Any) -> str:
+    text = _string(value).lower()
+    if text not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+    return text
+
+
+def _log_level(value: Any) -> str:
+    text = _string(value).upper()
+    if text not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {value!r}; use one of {', '.join(LOG_LEVELS)}")
+    return text
+
+
+def _str_list(value: Any, sep: str = ",") -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [part for part in value.split(sep) if part.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(_string(item) for item in items)
+
+
+# --------------------------------------------------------------------------- option table
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str  # TOML key; env VALLEXD_<KEY>; flag --<key with dashes> unless `flag` says otherwise
+    field: str  # Config field it sets
+    parse: Callable[[Any], Any]
+    help: str
+    kind: str = "value"  # "value", "path", "paths" (repeatable flag), "list" (repeatable), "off" (--no-x)
+    flag: str | None = None
+    metavar: str | None = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+    @property
+    def flag_name(self) -> str:
+        return self.flag or "--" + self.key.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("socket", "socket_path", _string, "Unix socket to listen on", "path", metavar="PATH"),
+    Option("socket_mode", "socket_mode", _mode, "permissions of the socket file, octal (default 660)",
+           metavar="MODE"),
+    Option("socket_group", "socket_group", _optional(_string),
+           "group that owns the socket, so its members may connect", metavar="GROUP"),
+    Option("checkpoint", "checkpoint", _string, "VALL-E X checkpoint file (vallex-checkpoint.pt)", "path",
+           metavar="FILE"),
+    Option("vocos", "vocos_dir", _string, "local folder of the Vocos EnCodec-24kHz vocoder", "path",
+           metavar="DIR"),
+    Option("presets_dir", "presets_dirs", _string,
+           "folder of voice presets (*.npz); repeat for several (replaces the default); the FIRST is where "
+           "presets.install writes, the others are read-only (env: separate with ':'; TOML: a list)",
+           "paths", metavar="DIR"),
+    Option("cache_dir", "cache_dir", _string, "folder of cached WAV results", "path", metavar="DIR"),
+    Option("device", "device", _device, "torch device: auto, cpu, cuda, cuda:N or mps", metavar="DEV"),
+    Option("dtype", "dtype", _dtype, "model precision: auto, float32, float16 or bfloat16", metavar="DTYPE"),
+    Option("threads", "threads", _non_negative_int,
+           "CPU threads for the model; 0 = torch's default (one per core). On a busy or shared machine "
+           "1 is often faster: see bench/bench_model.py --threads", metavar="N"),
+    Option("http_host", "http_host", _string, "address of the optional HTTP API", metavar="HOST"),
+    Option("http_port", "http_port", _optional(_port),
+           "port of the HTTP API; unset or 'off' disables it (0 picks a free port)", metavar="PORT"),
+    Option("http_token", "http_token", _optional(_string),
+           "bearer token the HTTP API requires (prefer the environment: flags show up in ps)",
+           metavar="TOKEN"),
+    Option("cors_origin", "http_cors_origins", _string,
+           "origin allowed to call the HTTP API from a browser; repeat for several (env: comma-separated)",
+           "list", metavar="ORIGIN"),
+    Option("http_max_body", "http_max_body", _positive_int, "largest HTTP request body in bytes",
+           metavar="BYTES"),
+    Option("static_host", "static_host", _string, "address of the static file server for cached WAVs",
+           metavar="HOST"),
+    Option("static_port", "static_port", _port, "port of the static file server (0 picks a free port)",
+           metavar="PORT"),
+    Option("static", "static_enabled", _bool, "do not start the static file server for cached WAVs", "off",
+           flag="--no-static"),
+    Option("queue_limit", "queue_limit", _non_negative_int,
+           "most synthesis requests waiting behind the running one; more get BUSY", metavar="N"),
+    Option("request_timeout", "request_timeout_s", _positive_float,
+           "seconds a synthesis request may take, queue wait included, before TIMEOUT", metavar="SECONDS"),
+    Option("max_text_chars", "max_text_chars", _positive_int, "longest text accepted, in characters",
+           metavar="N"),
+    Option("max_frame_bytes", "max_frame_bytes", _positive_int, "largest socket request frame in bytes",
+           metavar="BYTES"),
+    Option("max_connections", "max_connections", _positive_int, "most simultaneous socket connections",
+           metavar="N"),
+    Option("idle_timeout", "idle_timeout_s", _positive_float, "seconds before an idle connection is closed",
+           metavar="SECONDS"),
+    Option("grace", "grace_s", _non_negative_float,
+           "seconds in-flight work may finish after SIGTERM before it is cut off", metavar="SECONDS"),
+    Option("log_level", "log_level", _log_level, "debug, info, warning or error", metavar="LEVEL"),
+    Option("max_upload_bytes", "max_upload_bytes", _positive_int, "largest preset (.npz) upload in bytes",
+           metavar="BYTES"),
+    Option("long_budget", "long_budget", _optional(_positive_int),
+           "phoneme budget of one piece when long text is split", metavar="N"),
+)
+_BY_KEY = {opt.key: opt for opt in OPTIONS}
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def _help(opt: Option) -> str:
+    """The option's help plus its built-in default (paths depend on the environment: see epilog)."""
+    default = _FIELD_DEFAULTS.get(opt.field, dataclasses.MISSING)
+    if default is dataclasses.MISSING or opt.kind == "off" or opt.field == "socket_mode":
+        return opt.help
+    if default is None or default == ():
+        return opt.help + " (default: unset)"
+    return f"{opt.help} (default: {default})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vallexd",
+        description="Local speech-synthesis daemon for the VALL-E X zero-shot TTS model.",
+        epilog=(
+            "Every option can also be set in the TOML file given by --config (key = the flag name with "
+            "'_' for '-', e.g. http_port = 8081; static = false) or in the environment as VALLEXD_<KEY> "
+            "(e.g. VALLEXD_HTTP_PORT=8081). Priority: flags > environment > file > defaults. "
+            "Default paths: under systemd the unit's RUNTIME_DIRECTORY/vallexd.sock, "
+            "STATE_DIRECTORY/presets, STATE_DIRECTORY/models and CACHE_DIRECTORY; otherwise "
+            "$XDG_RUNTIME_DIR/vallexd/vallexd.sock, $XDG_DATA_HOME/vallexd/presets, "
+            "$XDG_DATA_HOME/vallexd/models/{vallex-checkpoint.pt,vocos-encodec-24khz} and "
+            "$XDG_CACHE_HOME/vallexd."
+        ),
+    )
+    # SUPPRESS: an absent flag leaves no attribute, so it cannot shadow the lower sources.
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="TOML configuration file (also VALLEXD_CONFIG)")
+    for opt in OPTIONS:
+        if opt.kind == "off":
+            parser.add_argument(opt.flag_name, dest=opt.key, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=_help(opt))
+        elif opt.kind in ("paths", "list"):
+            parser.add_argument(opt.flag_name, dest=opt.key, action="append", metavar=opt.metavar,
+                                default=argparse.SUPPRESS, help=_help(opt))
+        else:
+            parser.add_argument(opt.flag_name, dest=opt.key, metavar=opt.metavar,
+                                default=argparse.SUPPRESS, help=_help(opt))
+    return parser
+
+
+def _convert(opt: Option, raw: Any, source: str, base: Path) -> Any:
+    """Typed value of one option from one source; paths are made absolute against `base`."""
+    try:
+        if opt.kind == "paths":
+            items = raw.split(os.pathsep) if isinstance(raw, str) else raw
+            if not isinstance(items, list) or not items:
+                raise ValueError(f"expected a non-empty list of folders, got {raw!r}")
+            paths = tuple(_make_path(opt.parse(item), base) for item in items if item != "")
+            if not paths:
+                raise ValueError(f"expected at least one folder, got {raw!r}")
+            return paths
+        if opt.kind == "list":
+            return _str_list(raw)
+        value = opt.parse(raw)
+        if opt.kind == "path" and value is not None:
+            return _make_path(value, base)
+        return value
+    except ValueError as exc:
+        raise ConfigError(source, opt.key, str(exc)) from None
+
+
+def _make_path(text: str, base: Path) -> Path:
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~nosuchuser/...", or "~" without a home directory
+        raise ValueError(f"cannot expand the home directory in {text!r}") from None
+    return path if path.is_absolute() else base / path
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    source = f"config file {path}"
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(source, "config", f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "config", f"not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if key not in _BY_KEY:
+            raise ConfigError(source, key, "unknown key")
+        if isinstance(value, dict):
+            raise ConfigError(source, key, "expected a value, got a table")
+    return data
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config once: defaults < TOML < VALLEXD_* environment < flags."""
+    env = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
+    cwd = Path.cwd()
+    paths = default_paths(env)
+    values: dict[str, Any] = {
+        "socket_path": paths.socket_path,
+        "checkpoint": paths.checkpoint,
+        "vocos_dir": paths.vocos_dir,
+        "presets_dirs": (paths.presets_dir,),
+        "cache_dir": paths.cache_dir,
+    }
+
+    flag_config = args.pop("config", None)
+    config_file = flag_config or env.get(ENV_PREFIX + "CONFIG") or None
+    if config_file:
+        try:
+            toml_path = _make_path(config_file, cwd)
+        except ValueError as exc:
+            where = "flag --config" if flag_config else f"environment variable {ENV_PREFIX}CONFIG"
+            raise ConfigError(where, "config", str(exc)) from None
+        for key, raw in _read_toml(toml_path).items():
+            opt = _BY_KEY[key]
+            values[opt.field] = _convert(opt, raw, f"config file {toml_path}", toml_path.parent)
+
+    for opt in OPTIONS:
+        if opt.env in env:
+            values[opt.field] = _convert(opt, env[opt.env], f"environment variable {opt.env}", cwd)
+
+    for key, raw in args.items():
+        opt = _BY_KEY[key]
+        values[opt.field] = _convert(opt, raw, f"flag {opt.flag_name}", cwd)
+
+    socket_path: Path = values["socket_path"]
+    values["lock_path"] = socket_path.with_name(socket_path.name + ".lock")
+    return Config(**values)

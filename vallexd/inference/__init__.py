@@ -1,0 +1,1 @@
+"""The only package that imports torch: model, checkpoint loading, devices, engine, vocoder, EnCodec."""

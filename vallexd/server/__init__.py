@@ -1,0 +1,1 @@
+"""The asyncio process: lifecycle, transports (Unix socket, HTTP), the static child. Never imports torch."""

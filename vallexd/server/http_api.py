@@ -1,0 +1,353 @@
+"""The optional HTTP API (aiohttp), served inside the daemon's own event loop.
+
+Routes:
+    POST /generate        the old VALLEX-Inference-Http API: {textPrompt, character, language,
+                          noaccent, longprompt} -> {audioURL, code, error}, code == HTTP status
+    POST /v1/synthesize   protocol.md params as JSON -> audio/wav body (or JSON with return=path)
+    GET  /health          200 when the model is loaded (and not draining), else 503
+    GET  /presets, /status
+
+Security defaults, because a local HTTP port is reachable from every web page the
+user opens: a request carrying an Origin that is not allow-listed is refused outright
+(403 BAD_ORIGIN: a "simple" cross-site POST needs no preflight, so CORS headers alone
+would not stop it); POST bodies must be application/json (a form post cannot send that
+without a preflight); when bound to loopback
+the Host header must name loopback (defeats DNS rebinding); a bearer token is
+optional on loopback and REQUIRED on any other address (refuse to start without).
+
+This module is the one place where exceptions become HTTP errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from vallexd.errors import (
+    ErrorCode,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    VallexError,
+)
+from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
+from vallexd.service.result import SynthesisResult
+
+log = logging.getLogger("vallexd.http")
+access_log = logging.getLogger("vallexd.access")
+
+#: Old UI language names (matched case-insensitively) → request language.
+LANGUAGE_NAMES = {
+    "en": "en", "english": "en",
+    "zh": "zh", "中文": "zh", "chinese": "zh",
+    "ja": "ja", "日本語": "ja", "japanese": "ja",
+    "mix": "mix",
+    "auto": "auto",
+}
+OLD_API_FIELDS = ("textPrompt", "character", "language", "noaccent", "longprompt")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http_config(host: str, token: str | None) -> None:
+    """Refuse a non-loopback bind without a token (called before the model loads, to fail fast)."""
+    if not is_loopback(host) and not token:
+        raise InvalidArgument(
+            f"the HTTP API on non-loopback address {host} needs a bearer token "
+            "(set VALLEXD_HTTP_TOKEN or --http-token)",
+            reason="BAD_CONFIG", details={"key": "http_token"},
+        )
+
+
+def map_old_request(body: Any) -> dict[str, Any]:
+    """Translate an old /generate body into synthesize params (validation of values is the service's)."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object", reason="BAD_TYPE")
+    for key in body:
+        if key not in OLD_API_FIELDS:
+            raise InvalidArgument(f"unknown field {key!r}; accepted: {', '.join(OLD_API_FIELDS)}",
+                                  reason="UNKNOWN_FIELD", details={"field": str(key)})
+    if "textPrompt" not in body:
+        raise InvalidArgument("textPrompt is required", reason="MISSING_FIELD",
+                              details={"field": "textPrompt"})
+    params: dict[str, Any] = {"text": body["textPrompt"], "return": "path"}
+    character = body.get("character")
+    if character not in (None, ""):
+        params["voice"] = character
+    language = body.get("language")
+    if language not in (None, ""):
+        mapped = LANGUAGE_NAMES.get(language.strip().lower()) if isinstance(language, str) else None
+        if mapped is None:
+            raise InvalidArgument(f"unsupported language {str(language)[:40]!r}; use en, zh, ja, mix or auto",
+                                  reason="UNKNOWN_LANGUAGE", details={"field": "language"})
+        params["language"] = mapped
+    for field, target, if_true, if_false in (("noaccent", "accent", "native", "request"),
+                                               ("longprompt", "long", True, False)):
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{field} must be true or false", reason="BAD_TYPE",
+                                  details={"field": field})
+        params[target] = if_true if value else if_false
+    return params
+
+
+class HttpApi:
+    """Build, start and stop the aiohttp application on config.http_host/http_port."""
+
+    def __init__(self, service: ServiceLike, *, host: str, port: int, token: str | None,
+                 cors_origins: tuple[str, ...], max_body: int) -> None:
+        check_http_config(host, token)
+        self.service = service
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self.token = token
+        self.cors_origins = frozenset(cors_origins)
+        self.max_body = max_body
+        self.loopback = is_loopback(host)
+        self.app = web.Application(client_max_size=max_body, middlewares=[self._middleware])
+        self.app.add_routes([
+            web.post("/generate", self.generate),
+            web.post("/v1/synthesize", self.synthesize),
+            web.get("/health", self.health),
+            web.get("/presets", self.presets),
+            web.get("/status", self.status),
+        ])
+        self._runner: web.AppRunner | None = None
+        self.gate = DrainGate()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(
+            # handler_cancellation: a client that hangs up cancels its handler, which sets the
+            # job's `cancelled` event (see _synthesize) so the model does not work for nobody.
+            self.app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=2.0,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        log.info("HTTP API at %s", self.url)
+
+    def stop_accepting(self) -> None:
+        """From now on new requests get 503 UNAVAILABLE; running ones continue."""
+        self.gate.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being handled; False if `timeout` passed first."""
+        return await self.gate.wait_idle(timeout)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------------ middleware
+    def _allowed_host(self, request: web.Request) -> bool:
+        if not self.loopback:
+            return True  # the token protects a public bind; rebinding needs a loopback target
+        host = (request.headers.get("Host") or "").lower()
+        return host in {f"{name}:{self.port}" for name in LOOPBACK_NAMES}
+
+    def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin and origin in self.cors_origins:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        with self.gate.track():
+            response, err = await self._guarded(request, handler, started)
+        self._cors(request, response)
+        access_log.info(
+            "http %s %s peer %s %d %.0fms cached=%s %s",
+            request.method, log_safe(request.path, 100), request.remote,
+            response.status, (time.monotonic() - started) * 1000,
+            response.headers.get("X-Vallexd-Cache", "-"), outcome(err),
+        )
+        return response
+
+    async def _guarded(self, request: web.Request, handler: Handler,
+                       started: float) -> tuple[web.StreamResponse, VallexError | None]:
+        """Run the request's checks and handler; every failure becomes one error response here."""
+        try:
+            self._check_request(request)
+            if request.method == "OPTIONS":
+                return self._preflight(request), None
+            self._check_token(request)
+            return await handler(request), None
+        except asyncio.CancelledError:
+            access_log.info("http %s %s peer %s client went away after %.0fms", request.method,
+                            log_safe(request.path, 100), request.remote, (time.monotonic() - started) * 1000)
+            raise
+        except web.HTTPException as exc:
+            # aiohttp's own refusals (no route, wrong method, body over client_max_size).
+            err = _from_http_exception(exc)
+            response = self._error_response(request, err, status=405 if exc.status == 405 else None)
+            if exc.status == 405:
+                response.headers["Allow"] = exc.headers.get("Allow", "")
+            return response, err
+        except Exception as exc:
+            err = to_wire_error(exc, f"HTTP {request.method} {request.path}")
+            return self._error_response(request, err), err
+
+    def _check_request(self, request: web.Request) -> None:
+        """Draining, Host (DNS rebinding) and Origin (CSRF) rules, before any handler runs."""
+        if self.gate.draining and request.path != "/health":
+            raise Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
+        if not self._allowed_host(request):
+            raise PermissionDenied("Host header not allowed", reason="BAD_HOST")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin not in self.cors_origins:
+            raise PermissionDenied("cross-origin requests from this origin are not allowed",
+                                   reason="BAD_ORIGIN")
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin")
+        if not origin or origin not in self.cors_origins:
+            raise PermissionDenied("cross-origin requests from this origin are not allowed",
+                                   reason="BAD_ORIGIN")
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Access-Control-Max-Age": "600",
+        })
+
+    def _check_token(self, request: web.Request) -> None:
+        if not self.token or request.path == "/health":
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: encode back the same way, so
+        # any bytes (non-ASCII, invalid UTF-8) compare as bytes and simply do not match.
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        expected = self.token.encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, expected):
+            raise Unauthenticated("a valid bearer token is required", reason="BAD_TOKEN")
+
+    def _error_response(self, request: web.Request, err: VallexError,
+                        status: int | None = None) -> web.Response:
+        status = status or err.http_status
+        headers = {"WWW-Authenticate": "Bearer"} if err.code is ErrorCode.UNAUTHENTICATED else None
+        if request.path == "/generate":
+            message = "Character not found" if err.code is ErrorCode.NOT_FOUND else err.message
+            return web.json_response({"audioURL": "", "code": status, "error": message},
+                                     status=status, headers=headers)
+        return web.json_response({"error": err.to_wire()}, status=status, headers=headers)
+
+    # ------------------------------------------------------------------ handlers
+    async def _json_body(self, request: web.Request) -> Any:
+        if request.content_type != "application/json":
+            raise InvalidArgument("the request body must be JSON sent as Content-Type: application/json",
+                                  reason="BAD_CONTENT_TYPE",
+                                  details={"content_type": request.content_type[:64]})
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise TooLarge(f"request body over the limit of {self.max_body} bytes",
+                           reason="BODY_TOO_LARGE") from None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidArgument("the request body is not valid JSON", reason="BAD_JSON") from None
+
+    async def _synthesize(self, request: web.Request, params: dict[str, Any]) -> SynthesisResult:
+        """Run a synthesis; if the client disconnects, tell the service so it drops the job."""
+        cancelled = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(
+            self.service.synthesize(params, cancelled=cancelled))
+        task.add_done_callback(_consume_result)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def generate(self, request: web.Request) -> web.Response:
+        params = map_old_request(await self._json_body(request))
+        result = await self._synthesize(request, params)
+        return web.json_response({"audioURL": result.url or "", "code": 200, "error": ""},
+                                 headers=_result_headers(result))
+
+    async def synthesize(self, request: web.Request) -> web.Response:
+        params = await self._json_body(request)
+        if not isinstance(params, dict):
+            raise InvalidArgument("the request body must be a JSON object", reason="BAD_TYPE")
+        if params.get("progress"):
+            raise InvalidArgument("progress events are only available on the Unix socket",
+                                  reason="BAD_VALUE", details={"field": "progress"})
+        result = await self._synthesize(request, params)
+        headers = _result_headers(result)
+        if result.audio is not None:
+            return web.Response(body=result.audio, content_type="audio/wav", headers=headers)
+        return web.json_response(result.to_wire(), headers=headers)
+
+    async def health(self, request: web.Request) -> web.Response:
+        # Cheap on purpose (probes poll it): no cache scan, no executor hop.
+        health = self.service.health()
+        draining = self.gate.draining or bool(health.get("draining"))
+        if not health.get("model_loaded") or draining:
+            return web.json_response({"status": "unavailable", "draining": draining}, status=503)
+        return web.json_response({"status": "ok", "version": health.get("version"),
+                                  "model_identity": health.get("model_identity")})
+
+    async def presets(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.service.presets_list())
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.service.status())
+
+
+def _result_headers(result: SynthesisResult) -> dict[str, str]:
+    return {
+        "X-Vallexd-Cache": "hit" if result.cached else "miss",
+        "X-Vallexd-Cache-Key": result.cache_key,
+        "X-Vallexd-Duration": f"{result.duration_s:.3f}",
+    }
+
+
+def _consume_result(task: asyncio.Task[Any]) -> None:
+    # An abandoned synthesis still finishes (or is cancelled); read its outcome so asyncio
+    # does not warn about an exception that was never retrieved.
+    if not task.cancelled():
+        with contextlib.suppress(BaseException):
+            task.exception()
+
+
+def _from_http_exception(exc: web.HTTPException) -> VallexError:
+    if exc.status == 404:
+        return NotFound("no such endpoint", reason="NO_ROUTE")
+    if exc.status == 413:
+        return TooLarge("request body over the limit", reason="BODY_TOO_LARGE")
+    if exc.status == 405:
+        return InvalidArgument(f"method not allowed; {exc.reason}", reason="METHOD_NOT_ALLOWED")
+    return InvalidArgument(exc.reason or "bad request", reason="BAD_REQUEST")

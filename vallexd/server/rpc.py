@@ -1,0 +1,318 @@
+"""The Unix-socket RPC server: length-prefixed msgpack frames (docs/protocol.md) → `Service`.
+
+One connection carries requests handled one after another.  While a request runs,
+a reader task already reads the next frame; that is how a client that hangs up
+mid-request is noticed (EOF) and its job cancelled instead of computed for nobody.
+
+Exceptions become wire errors through `transport.to_wire_error`, the one mapping both
+transports use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vallexd import __version__
+from vallexd import protocol as proto
+from vallexd.errors import Busy, InvalidArgument, Unavailable, UnknownMethod, VallexError
+from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
+
+log = logging.getLogger("vallexd.server.rpc")
+access_log = logging.getLogger("vallexd.access")
+
+_PEERCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+#: How long a response write may wait for a client that does not read.
+WRITE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Peer:
+    uid: int | None
+    pid: int | None
+
+    def __str__(self) -> str:
+        return f"uid={self.uid} pid={self.pid}"
+
+
+def peer_credentials(sock: socket.socket | None) -> Peer:
+    """SO_PEERCRED of a Unix socket connection (Linux); unknown fields are None."""
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return Peer(None, None)
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError:
+        return Peer(None, None)
+    pid, uid, _gid = _PEERCRED.unpack(raw)
+    return Peer(uid, pid)
+
+
+def _no_params(method: str, params: dict[str, Any]) -> None:
+    if params:
+        raise InvalidArgument(
+            f"{method} takes no params, got {sorted(map(str, params))}", reason="UNKNOWN_FIELD"
+        )
+
+
+@dataclass
+class _Request:
+    request_id: Any
+    method: str
+    params: dict[str, Any]
+    peer: Peer
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    send_event: Callable[[str, dict[str, Any]], None] | None = None
+
+
+Handler = Callable[[_Request], Awaitable[dict[str, Any]]]
+
+
+class RpcServer:
+    """Serve `service` on a Unix socket (a path or an inherited listening socket)."""
+
+    def __init__(self, service: ServiceLike, *, max_frame: int, max_connections: int,
+                 idle_timeout_s: float) -> None:
+        self.service = service
+        self.max_frame = max_frame
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._busy: set[asyncio.Task[None]] = set()  # connections with a request running
+        self.gate = DrainGate()
+        self._methods: dict[str, Handler] = {
+            "ping": self._ping,
+            "status": self._status,
+            "synthesize": self._synthesize,
+            "presets.list": self._presets_list,
+            "presets.install": lambda r: self.service.presets_install(r.params),
+            "presets.remove": lambda r: self.service.presets_remove(r.params),
+            "cache.stats": self._cache_stats,
+            "cache.prune": lambda r: self.service.cache_prune(r.params),
+        }
+
+    # ------------------------------------------------------------------ methods
+    async def _ping(self, req: _Request) -> dict[str, Any]:
+        _no_params("ping", req.params)
+        return {"pong": True, "version": __version__}
+
+    async def _status(self, req: _Request) -> dict[str, Any]:
+        _no_params("status", req.params)
+        result = await self.service.status()
+        # Transport-level view (the service only sees work that reached it): open connections
+        # and requests being handled right now, not counting this status request.
+        result["rpc"] = {"connections": len(self._connections), "in_flight": self.gate.in_flight - 1}
+        return result
+
+    async def _presets_list(self, req: _Request) -> dict[str, Any]:
+        _no_params("presets.list", req.params)
+        return await self.service.presets_list()
+
+    async def _cache_stats(self, req: _Request) -> dict[str, Any]:
+        _no_params("cache.stats", req.params)
+        return await self.service.cache_stats()
+
+    async def _synthesize(self, req: _Request) -> dict[str, Any]:
+        progress = None
+        if req.params.get("progress") is True and req.send_event is not None:
+            send = req.send_event
+
+            def progress(done: int, total: int) -> None:
+                send("progress", {"done": int(done), "total": int(total)})
+
+        result = await self.service.synthesize(req.params, progress=progress, cancelled=req.cancelled)
+        return result.to_wire()
+
+    # ------------------------------------------------------------------ listening
+    async def start(self, *, path: str | None = None, sock: socket.socket | None = None) -> None:
+        """Listen on `sock` (already bound and listening, e.g. socket activation) or `path`."""
+        if sock is not None:
+            self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=1 << 16)
+        else:
+            self._server = await asyncio.start_unix_server(self._on_connect, path=path, limit=1 << 16)
+
+    def stop_accepting(self) -> None:
+        """Close the listener and refuse further requests on open connections."""
+        self.gate.draining = True
+        if self._server is not None:
+            self._server.close()
+        # Connections waiting for their next request are closed now; busy ones after their response.
+        for task in self._connections - self._busy:
+            task.cancel()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is running; False if `timeout` passed first."""
+        return await self.gate.wait_idle(timeout)
+
+    async def close(self) -> None:
+        """Drop every connection (after draining)."""
+        self.stop_accepting()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    # ------------------------------------------------------------------ connections
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = peer_credentials(writer.get_extra_info("socket"))
+        if self.gate.draining or len(self._connections) >= self.max_connections:
+            err: VallexError = (
+                Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN") if self.gate.draining
+                else Busy(f"too many connections (limit {self.max_connections}); retry later",
+                          reason="TOO_MANY_CONNECTIONS")
+            )
+            access_log.info("rpc refused %s peer %s: %s", "connection", peer, err.code.value)
+            await self._send_and_close(writer, proto.error(None, err))
+            return
+        self._connections.add(task)
+        try:
+            await self._serve_connection(reader, writer, peer, task)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # a bug in here must not take the server down
+            to_wire_error(exc, "connection handler")
+        finally:
+            self._connections.discard(task)
+            self._busy.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                peer: Peer, task: asyncio.Task[None]) -> None:
+        # The reader runs one frame ahead of the handler; the queue holds at most that one
+        # frame, so a client cannot make us buffer more than 2 frames. Items: a message dict,
+        # None (clean EOF) or a VallexError (framing broken).
+        frames: asyncio.Queue[dict[str, Any] | VallexError | None] = asyncio.Queue(maxsize=1)
+        current: list[_Request] = []  # the running request, so EOF can cancel it
+        held: list[dict[str, Any] | VallexError | None] = []  # read, waiting for room in `frames`
+
+        async def read_loop() -> None:
+            while True:
+                try:
+                    item: dict[str, Any] | VallexError | None = await proto.read_frame(reader, self.max_frame)
+                except VallexError as exc:
+                    item = exc
+                except (ConnectionError, OSError):
+                    item = None
+                if item is None:
+                    for req in current:
+                        req.cancelled.set()
+                held.append(item)
+                await frames.put(item)
+                held.clear()
+                if not isinstance(item, dict):
+                    return
+
+        reader_task = asyncio.get_running_loop().create_task(read_loop())
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(frames.get(), self.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    log.debug("closing idle connection of %s", peer)
+                    return
+                if item is None:
+                    return
+                if isinstance(item, VallexError):
+                    # Broken framing: we cannot find the next frame boundary, so answer and hang up.
+                    access_log.info("rpc id=- method=- peer %s error=%s (%s)", peer, item.code.value,
+                                    item.reason or "")
+                    await self._send_and_close(writer, proto.error(None, item))
+                    return
+                self._busy.add(task)
+                try:
+                    with self.gate.track():
+                        await self._handle(item, writer, peer, current)
+                finally:
+                    self._busy.discard(task)
+                if self.gate.draining or writer.is_closing():
+                    return
+        finally:
+            reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader_task
+            if self.gate.draining:
+                # Requests the client already sent (read ahead, or read while the connection sat
+                # idle when shutdown began) get an answer instead of silence, as the protocol says.
+                unserved = []
+                while not frames.empty():
+                    unserved.append(frames.get_nowait())
+                unserved += held
+                for item in unserved:
+                    if isinstance(item, dict):
+                        access_log.info("rpc id=%s method=%s peer %s refused: UNAVAILABLE/SHUTTING_DOWN",
+                                        log_safe(_safe_id(item)), log_safe(item.get("method"), 64), peer)
+                        self._write(writer, proto.error(_safe_id(item), Unavailable(
+                            "the daemon is shutting down", reason="SHUTTING_DOWN")))
+
+    async def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter, peer: Peer,
+                      current: list[_Request]) -> None:
+        started = time.monotonic()
+        request_id: Any = _safe_id(message)
+        method = "-"
+        result: dict[str, Any] | None = None
+        error: VallexError | None = None
+        try:
+            request_id, method, params = proto.parse_request(message)
+            handler = self._methods.get(method)
+            if handler is None:
+                raise UnknownMethod(f"unknown method {method[:100]!r}", reason="UNKNOWN_METHOD",
+                                    details={"methods": sorted(self._methods)})
+            req = _Request(request_id, method, params, peer)
+            req.send_event = lambda name, data: self._write(writer, proto.event(req.request_id, name, data))
+            current.append(req)
+            try:
+                result = await handler(req)
+            except asyncio.CancelledError:
+                req.cancelled.set()  # cut off at shutdown: let the worker drop the job too
+                raise
+            finally:
+                current.remove(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = to_wire_error(exc, f"method {method!r}")
+        reply = proto.ok(request_id, result or {}) if error is None else proto.error(request_id, error)
+        self._write(writer, reply)
+        try:
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            # A client that stops reading would make us buffer every further response: hang up.
+            writer.close()
+        cached = result.get("cached") if isinstance(result, dict) else None
+        access_log.info(
+            "rpc id=%s method=%s peer %s %.0fms cached=%s %s",
+            log_safe(request_id), log_safe(method, 64), peer, (time.monotonic() - started) * 1000,
+            "-" if cached is None else ("hit" if cached else "miss"), outcome(error),
+        )
+
+    def _write(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        if not writer.is_closing():
+            writer.write(proto.pack(message))
+
+    async def _send_and_close(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        self._write(writer, message)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain(), 5.0)
+        writer.close()
+
+
+def _safe_id(message: dict[str, Any]) -> Any:
+    """The request id to echo in an error reply, or None if it is not a valid id."""
+    rid = message.get("id")
+    if isinstance(rid, (int, str)) and not isinstance(rid, bool):
+        return rid
+    return None

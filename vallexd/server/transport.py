@@ -1,0 +1,81 @@
+"""What the socket and HTTP transports share: the service they call, the drain gate, and the one
+mapping from exceptions to wire errors (a `VallexError` keeps its code; anything else is INTERNAL,
+logged with its traceback, and the client sees no internals)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from vallexd.errors import Internal, VallexError
+from vallexd.service.result import SynthesisResult
+
+log = logging.getLogger("vallexd.server")
+
+
+class ServiceLike(Protocol):
+    """The part of `vallexd.service.service.Service` the transports call (docs/architecture.md)."""
+
+    async def synthesize(self, params: dict[str, Any], *, progress: Any = None,
+                         cancelled: asyncio.Event | None = None) -> SynthesisResult: ...
+    async def status(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, Any]: ...
+    async def presets_list(self) -> dict[str, Any]: ...
+    async def presets_install(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def presets_remove(self, params: dict[str, Any]) -> dict[str, Any]: ...
+    async def cache_stats(self) -> dict[str, Any]: ...
+    async def cache_prune(self, params: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class DrainGate:
+    """Counts requests in progress so shutdown can stop accepting, then wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Hold the gate open for one request."""
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in progress; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+def to_wire_error(exc: BaseException, context: str) -> VallexError:
+    """Map any exception to the error a client may see; log unexpected ones with traceback."""
+    if isinstance(exc, VallexError):
+        return exc
+    log.error("internal error in %s", context, exc_info=exc)
+    return Internal("internal error; the daemon log has the details")
+
+
+def outcome(err: VallexError | None) -> str:
+    """The access-log field for a request's result: "ok" or "error=CODE/REASON"."""
+    if err is None:
+        return "ok"
+    return f"error={err.code.value}" + (f"/{err.reason}" if err.reason else "")
+
+
+def log_safe(value: Any, limit: int = 40) -> str:
+    """A client-supplied value fit for a one-line log: short, and escaped unless printable."""
+    text = str(value)
+    return text if text.isprintable() and len(text) <= limit else repr(text[:limit])

@@ -1,0 +1,285 @@
+"""Validation of the wire params of docs/protocol.md (torch-free).
+
+Every check happens here, before anything is queued or written, so bad input
+gets a precise `InvalidArgument`/`TooLarge` and changes nothing.  Reasons used:
+
+    UNKNOWN_FIELD, MISSING_FIELD, BAD_TYPE, OUT_OF_RANGE, BAD_VALUE,
+    BAD_NAME, BAD_TEXT, EMPTY_TEXT, UNKNOWN_LANGUAGE, TEXT_TOO_LONG
+
+`details` always carries {"field": <param name>} so clients can point at it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vallexd.constants import ACCENTS, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, REQUEST_LANGUAGES
+from vallexd.errors import InvalidArgument, TooLarge
+
+RETURN_MODES = ("audio", "path")
+MAX_SEED = 2**63
+_ECHO_MAX = 64  # unknown keys are echoed back at most this long
+NAME_MAX = 64
+# Letters (any script), digits, "_", "-", ".", "'" and space (checked separately: not
+# starting with ".", no leading/trailing space, and short enough in UTF-8 for a file name).
+_NAME_RE = re.compile(r"[\w\-.' ]+")  # used with fullmatch: "$" would accept a trailing newline
+_NAME_MAX_UTF8 = 240  # name + ".npz" + temp-file decoration must stay under NAME_MAX (255 bytes)
+# C0 controls other than tab/newline/CR cannot be spoken and usually mean binary junk.
+_BAD_TEXT_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+LongMode = Literal["auto"] | bool
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    text: str
+    voice: str | None = None
+    language: str = "auto"
+    accent: str = "native"
+    long: LongMode = "auto"
+    seed: int | None = None
+    top_k: int = 0
+    temperature: float = 1.0
+    return_mode: str = "audio"  # wire name: "return"
+    progress: bool = False
+    fresh: bool = False  # regenerate even on a cache hit, and replace the entry
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    name: str
+    data: bytes
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    max_age_s: float | None = None
+    max_bytes: int | None = None
+    dry_run: bool = False
+
+
+def _params(params: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidArgument("params must be a map", reason="BAD_TYPE", details={"field": "params"})
+    for key in params:
+        if key not in allowed:
+            shown = str(key)[:_ECHO_MAX]
+            raise InvalidArgument(
+                f"unknown field {shown!r}; accepted: {', '.join(allowed)}",
+                reason="UNKNOWN_FIELD",
+                details={"field": shown},
+            )
+    return params
+
+
+def _bad_type(field: str, expected: str, value: Any) -> InvalidArgument:
+    return InvalidArgument(
+        f"{field} must be {expected}, got {type(value).__name__}", reason="BAD_TYPE", details={"field": field}
+    )
+
+
+def _bool(params: dict[str, Any], field: str, default: bool) -> bool:
+    value = params.get(field, default)
+    if not isinstance(value, bool):
+        raise _bad_type(field, "a boolean", value)
+    return value
+
+
+def _int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):  # bool is a subclass of int: refuse it
+        raise _bad_type(field, "an integer", value)
+    return value
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad_type(field, "a number", value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int too large for a float
+        raise InvalidArgument(f"{field} is out of range", reason="OUT_OF_RANGE",
+                              details={"field": field}) from None
+    if not math.isfinite(result):
+        raise InvalidArgument(f"{field} must be finite", reason="OUT_OF_RANGE", details={"field": field})
+    return result
+
+
+def _choice(params: dict[str, Any], field: str, default: str, choices: tuple[str, ...],
+            reason: str = "BAD_VALUE") -> str:
+    value = params.get(field, default)
+    if not isinstance(value, str):
+        raise _bad_type(field, "a string", value)
+    if value not in choices:
+        raise InvalidArgument(
+            f"{field} must be one of {', '.join(choices)}, got {value[:40]!r}",
+            reason=reason,
+            details={"field": field, "allowed": list(choices)},
+        )
+    return value
+
+
+def validate_name(name: Any, field: str = "name") -> str:
+    """A preset name: 1-64 of letters, digits, `_ - . '` and space, not starting with '.'.
+
+    Never a path: '/', '\\', NUL and a leading '.' (hence '..') are all refused.
+    """
+    if not isinstance(name, str):
+        raise _bad_type(field, "a string", name)
+    if (
+        not (1 <= len(name) <= NAME_MAX)
+        or name.startswith(".")
+        or name != name.strip(" ")
+        or not _NAME_RE.fullmatch(name)
+        or len(name.encode("utf-8", "replace")) > _NAME_MAX_UTF8
+    ):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise InvalidArgument(
+            f"invalid preset name {shown!r}: use 1-{NAME_MAX} letters, digits, '_', '-', '.', \"'\" or "
+            "spaces, not starting with '.' nor starting/ending with a space",
+            reason="BAD_NAME",
+            details={"field": field},
+        )
+    return name
+
+
+def is_valid_name(name: str) -> bool:
+    try:
+        validate_name(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def validate_text(value: Any, max_chars: int) -> str:
+    if value is None:
+        raise InvalidArgument("text is required", reason="MISSING_FIELD", details={"field": "text"})
+    if not isinstance(value, str):
+        raise _bad_type("text", "a string", value)
+    if len(value) > max_chars:
+        raise TooLarge(
+            f"text has {len(value)} characters; the limit is {max_chars}",
+            reason="TEXT_TOO_LONG",
+            details={"field": "text", "limit": max_chars, "length": len(value)},
+        )
+    if _BAD_TEXT_RE.search(value):
+        raise InvalidArgument("text contains NUL or control characters", reason="BAD_TEXT",
+                              details={"field": "text"})
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a sloppy JSON client
+        raise InvalidArgument("text is not valid Unicode", reason="BAD_TEXT",
+                              details={"field": "text"}) from None
+    if not value.strip():
+        raise InvalidArgument("text is empty", reason="EMPTY_TEXT", details={"field": "text"})
+    return value
+
+
+SYNTHESIZE_FIELDS = ("text", "voice", "language", "accent", "long", "seed", "top_k", "temperature",
+                     "return", "progress", "fresh")
+
+
+def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest:
+    p = _params(params, SYNTHESIZE_FIELDS)
+    text = validate_text(p.get("text"), max_text_chars)
+
+    voice = p.get("voice")
+    if voice is not None:
+        voice = validate_name(voice, "voice")
+
+    language = _choice(p, "language", "auto", REQUEST_LANGUAGES, reason="UNKNOWN_LANGUAGE")
+    accent = _choice(p, "accent", "native", ACCENTS)
+
+    long: LongMode = p.get("long", "auto")
+    if long != "auto" and not isinstance(long, bool):
+        raise InvalidArgument('long must be true, false or "auto"', reason="BAD_TYPE",
+                              details={"field": "long"})
+
+    seed = p.get("seed")
+    if seed is not None:
+        seed = _int(seed, "seed")
+        if not 0 <= seed < MAX_SEED:
+            raise InvalidArgument("seed must be within 0 <= seed < 2**63", reason="OUT_OF_RANGE",
+                                  details={"field": "seed"})
+
+    top_k = _int(p.get("top_k", 0), "top_k")
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise InvalidArgument(f"top_k must be within 0..{MAX_TOP_K} (0 disables it)", reason="OUT_OF_RANGE",
+                              details={"field": "top_k"})
+
+    temperature = _number(p.get("temperature", 1.0), "temperature")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be within {MIN_TEMPERATURE:g}..{MAX_TEMPERATURE:g}",
+                              reason="OUT_OF_RANGE",
+                              details={"field": "temperature"})
+
+    return SynthesisRequest(
+        text=text,
+        voice=voice,
+        language=language,
+        accent=accent,
+        long=long,
+        seed=seed,
+        top_k=top_k,
+        temperature=temperature,
+        return_mode=_choice(p, "return", "audio", RETURN_MODES),
+        progress=_bool(p, "progress", False),
+        fresh=_bool(p, "fresh", False),
+    )
+
+
+def validate_install(params: Any, *, max_bytes: int) -> InstallRequest:
+    p = _params(params, ("name", "data", "overwrite"))
+    if "name" not in p:
+        raise InvalidArgument("name is required", reason="MISSING_FIELD", details={"field": "name"})
+    name = validate_name(p["name"])
+    data = p.get("data")
+    if data is None:
+        raise InvalidArgument("data is required", reason="MISSING_FIELD", details={"field": "data"})
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _bad_type("data", "binary (.npz bytes)", data)
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise TooLarge(f"preset upload of {len(data)} bytes exceeds the limit of {max_bytes} bytes",
+                       reason="UPLOAD_TOO_LARGE", details={"field": "data", "limit": max_bytes})
+    if not data:
+        raise InvalidArgument("data is empty", reason="BAD_PROMPT", details={"field": "data"})
+    return InstallRequest(name=name, data=data, overwrite=_bool(p, "overwrite", False))
+
+
+def validate_remove(params: Any) -> str:
+    p = _params(params, ("name",))
+    if "name" not in p:
+        raise InvalidArgument("name is required", reason="MISSING_FIELD", details={"field": "name"})
+    return validate_name(p["name"])
+
+
+def validate_prune(params: Any) -> PruneRequest:
+    p = _params(params, ("max_age_s", "max_bytes", "dry_run"))
+    max_age = p.get("max_age_s")
+    if max_age is not None:
+        max_age = _number(max_age, "max_age_s")
+        if max_age < 0:
+            raise InvalidArgument("max_age_s must be >= 0", reason="OUT_OF_RANGE",
+                                  details={"field": "max_age_s"})
+    max_bytes = p.get("max_bytes")
+    if max_bytes is not None:
+        max_bytes = _int(max_bytes, "max_bytes")
+        if max_bytes < 0:
+            raise InvalidArgument("max_bytes must be >= 0", reason="OUT_OF_RANGE",
+                                  details={"field": "max_bytes"})
+    if max_age is None and max_bytes is None:
+        # An empty prune is almost certainly a mistake; "clear everything" is max_bytes=0.
+        raise InvalidArgument("give max_age_s and/or max_bytes (max_bytes=0 empties the cache)",
+                              reason="MISSING_FIELD", details={"field": "max_age_s"})
+    return PruneRequest(max_age_s=max_age, max_bytes=max_bytes, dry_run=_bool(p, "dry_run", False))
+
+
+def validate_empty(params: Any) -> None:
+    """Methods without params (status, cache.stats, ...) still refuse unknown fields."""
+    _params(params, ())

@@ -1,0 +1,1 @@
+"""Developer tools: tiny random weights in the real formats, and the conformance check."""
