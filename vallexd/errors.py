@@ -161,3 +161,9 @@ _CLASS_FOR_CODE: dict[ErrorCode, type[VallexError]] = {
         PermissionDenied, ProtocolError, UnknownMethod, Unavailable, Internal,
     )
 }
+
+
+def text_too_long(length: int, limit: int) -> TooLarge:
+    """The one TEXT_TOO_LONG error (validation and the text front end raise the same keys)."""
+    return TooLarge(f"text has {length} characters; the limit is {limit}", reason="TEXT_TOO_LONG",
+                    details={"field": "text", "limit": limit, "length": length})

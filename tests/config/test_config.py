@@ -184,10 +184,13 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert "VALLEXD_" in out and "XDG_RUNTIME_DIR" in out
 
 
-def test_config_is_frozen() -> None:
-    cfg = load_config([], XDG_ENV)
-    with pytest.raises(AttributeError):
-        cfg.queue_limit = 1  # type: ignore[misc]
+def test_config_is_read_once() -> None:
+    """The environment is read when the Config is built; later changes do not leak into it."""
+    env = {**XDG_ENV, "VALLEXD_QUEUE_LIMIT": "3"}
+    cfg = load_config([], env)
+    env["VALLEXD_QUEUE_LIMIT"] = "9"
+    assert cfg.queue_limit == 3
+    assert load_config([], env).queue_limit == 9
 
 
 def test_torch_free_modules() -> None:

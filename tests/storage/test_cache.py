@@ -227,4 +227,3 @@ def test_write_failures_are_typed(tmp_path: Path) -> None:
     assert info.value.reason == "CACHE_WRITE_FAILED"
     denied = cache_mod.os_error(OSError(errno.EROFS, "Read-only file system"), "write", "CACHE_WRITE_FAILED")
     assert isinstance(denied, PermissionDenied) and denied.reason == "CACHE_WRITE_FAILED"
-    assert not hasattr(ResultCache, "relative_url_path")  # one helper: the module-level function

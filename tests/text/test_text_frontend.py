@@ -295,7 +295,7 @@ def test_too_long_error_carries_sizes() -> None:
     with pytest.raises(TooLarge) as err:
         phonemize("x" * 101, "en", max_chars=100)
     assert err.value.reason == "TEXT_TOO_LONG"
-    assert err.value.details == {"chars": 101, "max_chars": 100}
+    assert err.value.details == {"field": "text", "limit": 100, "length": 101}
     assert phonemize("x" * 100, "en", max_chars=100).phonemes  # at the limit is fine
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vallexd.constants import ACCENTS, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, REQUEST_LANGUAGES
-from vallexd.errors import InvalidArgument, TooLarge
+from vallexd.errors import InvalidArgument, TooLarge, text_too_long
 
 RETURN_MODES = ("audio", "path")
 MAX_SEED = 2**63
@@ -157,16 +157,14 @@ def is_valid_name(name: str) -> bool:
 
 
 def validate_text(value: Any, max_chars: int) -> str:
+    """A text to speak: InvalidArgument (MISSING_FIELD, BAD_TYPE, BAD_TEXT for NUL/control
+    characters) or TooLarge (TEXT_TOO_LONG, over `max_chars` characters)."""
     if value is None:
         raise InvalidArgument("text is required", reason="MISSING_FIELD", details={"field": "text"})
     if not isinstance(value, str):
         raise _bad_type("text", "a string", value)
     if len(value) > max_chars:
-        raise TooLarge(
-            f"text has {len(value)} characters; the limit is {max_chars}",
-            reason="TEXT_TOO_LONG",
-            details={"field": "text", "limit": max_chars, "length": len(value)},
-        )
+        raise text_too_long(len(value), max_chars)
     if _BAD_TEXT_RE.search(value):
         raise InvalidArgument("text contains NUL or control characters", reason="BAD_TEXT",
                               details={"field": "text"})
@@ -185,6 +183,8 @@ SYNTHESIZE_FIELDS = ("text", "voice", "language", "accent", "long", "seed", "top
 
 
 def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest:
+    """Every `synthesize` param of docs/protocol.md, typed and range-checked; unknown fields are
+    refused (UNKNOWN_FIELD). Errors name the field in `details["field"]`."""
     p = _params(params, SYNTHESIZE_FIELDS)
     text = validate_text(p.get("text"), max_text_chars)
 
@@ -234,6 +234,7 @@ def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest
 
 
 def validate_install(params: Any, *, max_bytes: int) -> InstallRequest:
+    """`presets.install` params: a valid name, `data` bytes of at most `max_bytes`, `overwrite`."""
     p = _params(params, ("name", "data", "overwrite"))
     if "name" not in p:
         raise InvalidArgument("name is required", reason="MISSING_FIELD", details={"field": "name"})
@@ -253,6 +254,7 @@ def validate_install(params: Any, *, max_bytes: int) -> InstallRequest:
 
 
 def validate_remove(params: Any) -> str:
+    """`presets.remove` params: the preset name."""
     p = _params(params, ("name",))
     if "name" not in p:
         raise InvalidArgument("name is required", reason="MISSING_FIELD", details={"field": "name"})
@@ -260,6 +262,7 @@ def validate_remove(params: Any) -> str:
 
 
 def validate_prune(params: Any) -> PruneRequest:
+    """`cache.prune` params: `max_age_s` (seconds) and `max_bytes`, each >= 0 or absent; `dry_run`."""
     p = _params(params, ("max_age_s", "max_bytes", "dry_run"))
     max_age = p.get("max_age_s")
     if max_age is not None:

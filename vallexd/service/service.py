@@ -8,8 +8,8 @@ cache and preset file I/O go to the default executor, the text front end to a
 single dedicated thread (OpenJTalk & co. are not known to be thread-safe), the
 model to the worker's thread.
 
-The transports (vallexd.server.rpc / vallexd.server.http_api) fill in `static_base_url`
-once the static file server child is up (and `http_url` if the HTTP API runs).
+The daemon (vallexd.server.daemon) sets `static_base_url` once the static file server
+child listens (results then carry a `url`), and `http_url` when the HTTP API runs.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def _raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
 
 class Service:
     def __init__(self, config: Config, *, worker: ModelWorker | None = None, warm_up: bool = True) -> None:
+        """`worker` replaces the model worker built from `config` (tests pass one on tiny weights);
+        `warm_up` loads the text front end's dictionaries in the background at start."""
         self.config = config
         self.cache = ResultCache(config.cache_dir)
         self.presets = PresetStore(config.presets_dirs, max_bytes=config.max_upload_bytes)
@@ -338,7 +340,7 @@ class Service:
 
     # ------------------------------------------------------------------ status
     def health(self) -> dict[str, Any]:
-        """Liveness for /health: model loaded and not draining; cheap (no cache scan, no I/O)."""
+        """{"version", "model_loaded", "model_identity", "draining"}: no I/O, for probes."""
         engine = self.worker.engine
         return {
             "version": __version__,
@@ -348,6 +350,7 @@ class Service:
         }
 
     async def status(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The `status` map of docs/protocol.md (scans the cache folder for its size)."""
         validate_empty(params)
         cache = await asyncio.to_thread(self.cache.stats)
         engine = self.worker.engine
@@ -374,15 +377,19 @@ class Service:
 
     # ------------------------------------------------------------------ presets
     async def presets_list(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """{"presets": [{"name", "language", "frames", "seconds", ...}]}, sorted by name."""
         validate_empty(params)
         return {"presets": self.presets.listing()}
 
     async def presets_install(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Install `data` (.npz bytes) as preset `name`: InvalidArgument(BAD_PROMPT, BAD_NAME),
+        TooLarge (over max_upload_bytes), AlreadyExists unless `overwrite`."""
         req = validate_install(params, max_bytes=self.config.max_upload_bytes)
         preset = await asyncio.to_thread(self.presets.install, req.name, req.data, overwrite=req.overwrite)
         return {"name": preset.name, "language": preset.prompt.language, "frames": preset.prompt.num_frames}
 
     async def presets_remove(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Remove an installed preset: NotFound if it is not in the install folder."""
         name = validate_remove(params)
         await asyncio.to_thread(self.presets.remove, name)
         return {"name": name, "removed": True}
@@ -393,9 +400,12 @@ class Service:
 
     # ------------------------------------------------------------------ cache
     async def cache_stats(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """{"files", "bytes"} of the cached WAVs."""
         validate_empty(params)
         return await asyncio.to_thread(self.cache.stats)
 
     async def cache_prune(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Remove entries older than `max_age_s` (seconds), then the oldest until the cache is at
+        most `max_bytes`; `dry_run` only counts. Returns removed/freed/remaining counts."""
         req = validate_prune(params)
         return await asyncio.to_thread(self.cache.prune, req.max_age_s, req.max_bytes, req.dry_run)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
-from vallexd.errors import InvalidArgument, TooLarge
+from vallexd.errors import InvalidArgument, text_too_long
 from vallexd.text import segments
 from vallexd.text.segments import LANGUAGES, Segment
 from vallexd.text.vocab import has_sound, phoneme_ids
@@ -45,11 +45,7 @@ def check_request(text: object, language: object, max_chars: int | None = None) 
     if not isinstance(text, str):
         raise InvalidArgument(f"text must be a string, not {type(text).__name__}", reason="INVALID_TEXT")
     if max_chars is not None and len(text) > max_chars:
-        raise TooLarge(
-            f"text is {len(text)} characters; the limit is {max_chars}",
-            reason="TEXT_TOO_LONG",
-            details={"chars": len(text), "max_chars": max_chars},
-        )
+        raise text_too_long(len(text), max_chars)
     cleaned = segments.clean_input(text)
     if not cleaned:
         raise InvalidArgument("text is empty", reason="EMPTY_TEXT")
