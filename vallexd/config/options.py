@@ -73,32 +73,22 @@ def _to_float(value: Any) -> float:
     return result
 
 
-def _non_negative_int(value: Any) -> int:
-    n = _to_int(value)
-    if n < 0:
-        raise ValueError(f"must be >= 0, got {n}")
-    return n
+def _above(parse: Callable[[Any], Any], low: int, *, inclusive: bool) -> Callable[[Any], Any]:
+    """A parser that also requires value >= low (inclusive) or > low."""
+
+    def parse_bounded(value: Any) -> Any:
+        x = parse(value)
+        if x < low or (x == low and not inclusive):
+            raise ValueError(f"must be {'>=' if inclusive else '>'} {low}, got {x:g}")
+        return x
+
+    return parse_bounded
 
 
-def _positive_int(value: Any) -> int:
-    n = _to_int(value)
-    if n <= 0:
-        raise ValueError(f"must be > 0, got {n}")
-    return n
-
-
-def _positive_float(value: Any) -> float:
-    x = _to_float(value)
-    if x <= 0:
-        raise ValueError(f"must be > 0, got {x:g}")
-    return x
-
-
-def _non_negative_float(value: Any) -> float:
-    x = _to_float(value)
-    if x < 0:
-        raise ValueError(f"must be >= 0, got {x:g}")
-    return x
+_non_negative_int = _above(_to_int, 0, inclusive=True)
+_positive_int = _above(_to_int, 0, inclusive=False)
+_positive_float = _above(_to_float, 0, inclusive=False)
+_non_negative_float = _above(_to_float, 0, inclusive=True)
 
 
 def _port(value: Any) -> int:

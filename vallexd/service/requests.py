@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -261,21 +262,22 @@ def validate_remove(params: Any) -> str:
     return validate_name(p["name"])
 
 
+def _optional_non_negative(p: dict[str, Any], field: str, parse: Callable[[Any, str], Any]) -> Any:
+    """p[field] parsed and >= 0, or None when absent."""
+    value = p.get(field)
+    if value is None:
+        return None
+    value = parse(value, field)
+    if value < 0:
+        raise InvalidArgument(f"{field} must be >= 0", reason="OUT_OF_RANGE", details={"field": field})
+    return value
+
+
 def validate_prune(params: Any) -> PruneRequest:
     """`cache.prune` params: `max_age_s` (seconds) and `max_bytes`, each >= 0 or absent; `dry_run`."""
     p = _params(params, ("max_age_s", "max_bytes", "dry_run"))
-    max_age = p.get("max_age_s")
-    if max_age is not None:
-        max_age = _number(max_age, "max_age_s")
-        if max_age < 0:
-            raise InvalidArgument("max_age_s must be >= 0", reason="OUT_OF_RANGE",
-                                  details={"field": "max_age_s"})
-    max_bytes = p.get("max_bytes")
-    if max_bytes is not None:
-        max_bytes = _int(max_bytes, "max_bytes")
-        if max_bytes < 0:
-            raise InvalidArgument("max_bytes must be >= 0", reason="OUT_OF_RANGE",
-                                  details={"field": "max_bytes"})
+    max_age = _optional_non_negative(p, "max_age_s", _number)
+    max_bytes = _optional_non_negative(p, "max_bytes", _int)
     if max_age is None and max_bytes is None:
         # An empty prune is almost certainly a mistake; "clear everything" is max_bytes=0.
         raise InvalidArgument("give max_age_s and/or max_bytes (max_bytes=0 empties the cache)",
