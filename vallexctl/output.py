@@ -21,13 +21,16 @@ from vallexctl.context import State, state
 from vallexd.errors import ErrorCode, InvalidArgument, NotFound, VallexError
 from vallexd.storage import fsutil
 
-# Documented in the README ("Exit codes").
-EXIT_OK = 0
-EXIT_OTHER = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_BUSY = 5
+# The rules, documented in the README ("Exit codes") and `vallexctl --help`; tests/integration/
+# test_exit_codes.py checks each row through the real CLI.
+EXIT_OK = 0  # done, including "nothing to do" (`daemon stop` when none runs)
+EXIT_OTHER = 1  # any other failure: network, digest mismatch, the daemon refused or failed
+EXIT_USAGE = 2  # a bad option or argument, or a daemon configuration that cannot work here
+EXIT_UNREACHABLE = 3  # no daemon answers at the socket
+EXIT_NOT_FOUND = 4  # unknown voice or preset, missing file or model files, a URL that answers 404
+EXIT_BUSY = 5  # retry later: the queue is full, or the model is still loading
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_PIPE_CLOSED = 141  # stdout's reader went away (`| head`), as for a tool killed by SIGPIPE
 
 _EXIT_FOR_CODE = {
     ErrorCode.INVALID_ARGUMENT: EXIT_USAGE,
@@ -37,6 +40,8 @@ _EXIT_FOR_CODE = {
 }
 # Reasons whose code would say "usage" but which are not the user's typing.
 _NOT_USAGE_REASONS = {"DIGEST_MISMATCH", "BAD_CATALOGUE", "BAD_MANIFEST", "DOWNLOAD_TOO_LARGE", "BAD_PROMPT"}
+# Reasons whose code says "unavailable" (1) but which mean "retry later" (5).
+_RETRY_REASONS = {"MODEL_LOADING"}
 
 
 def exit_code_for(exc: VallexError) -> int:
@@ -44,6 +49,8 @@ def exit_code_for(exc: VallexError) -> int:
         return EXIT_UNREACHABLE
     if exc.reason in _NOT_USAGE_REASONS:
         return EXIT_OTHER
+    if exc.reason in _RETRY_REASONS:
+        return EXIT_BUSY
     return _EXIT_FOR_CODE.get(exc.code, EXIT_OTHER)
 
 
