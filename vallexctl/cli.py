@@ -34,8 +34,10 @@ from vallexd import __version__
 from vallexd.errors import InvalidArgument, VallexError
 
 EPILOG = """\b
-Exit codes: 0 ok, 1 other failure, 2 usage (bad option or argument),
-3 daemon unreachable, 4 not found (voice, preset, file), 5 busy (queue full).
+Exit codes: 0 ok (or nothing to do), 1 other failure, 2 usage or configuration
+(bad option, argument or daemon setting), 3 daemon unreachable, 4 not found
+(voice, preset, file, model files, a URL), 5 retry later (queue full, model
+still loading), 130 interrupted, 141 stdout closed early.
 Errors are one line on stderr; --json puts machine-readable results on stdout.
 """
 
@@ -102,7 +104,8 @@ class VallexGroup(click.Group):
 @click.group(cls=VallexGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", envvar="VALLEXD_SOCKET", type=click.Path(path_type=Path),
               help="The daemon's Unix socket [env VALLEXD_SOCKET; default: $XDG_RUNTIME_DIR/vallexd/"
-                   "vallexd.sock, or /run/vallexd/vallexd.sock when only the system service runs].")
+                   "vallexd.sock (/tmp/vallexd-UID/vallexd.sock without XDG_RUNTIME_DIR), or "
+                   "/run/vallexd/vallexd.sock when only the system service runs].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds to wait for an answer (default: as long as the daemon works).")
 @json_option

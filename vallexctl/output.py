@@ -54,24 +54,34 @@ def exit_code_for(exc: VallexError) -> int:
     return _EXIT_FOR_CODE.get(exc.code, EXIT_OTHER)
 
 
-# Hints appended to daemon errors so the one line says what to do next.
+# What to do next, appended to daemon errors in vallexctl's own terms (a flag, a command). The
+# daemon often ends its message with "; advice" in protocol terms ("set overwrite to replace it",
+# "retry later"): where vallexctl has a hint, it REPLACES that advice, so nothing is said twice.
+# By reason first, then by code.
 _HINTS: dict[str, str] = {
-    ErrorCode.NOT_FOUND.value: "",
+    "MODEL_LOADING": "wait a moment; `vallexctl status` says when the model is loaded",
+    "SHUTTING_DOWN": "wait until it has stopped (`vallexctl status`), then start it again",
+    "MODEL_NOT_LOADED": "see `vallexctl status` and the daemon log",
     ErrorCode.ALREADY_EXISTS.value: "add --overwrite to replace it",
-    ErrorCode.BUSY.value: "the queue is full; retry in a moment",
-    ErrorCode.UNAVAILABLE.value: "the daemon is shutting down or has no model loaded; see `vallexctl status`",
-    ErrorCode.TIMEOUT.value: "the request ran past the daemon's deadline; try shorter text",
-    ErrorCode.INTERNAL.value: "see the daemon log (journalctl -u vallexd) for the traceback",
+    ErrorCode.BUSY.value: "retry in a moment",
+    ErrorCode.TIMEOUT.value: "try shorter text, or raise the daemon's --request-timeout",
+    ErrorCode.INTERNAL.value: "see the daemon log (journalctl -u vallexd, or "
+                              "~/.local/state/vallexd/vallexd.log) for the traceback",
 }
 
 
 def error_line(exc: VallexError) -> str:
-    """ONE line: what went wrong and what to do."""
+    """ONE line: what went wrong and what to do, each said once."""
     message = exc.message
     if isinstance(exc, DaemonUnreachable):
         hint = exc.hint
-    else:  # the code-based hints speak about the daemon: local errors carry their own advice
-        hint = _HINTS.get(exc.code.value, "") if exc.remote else ""
+    elif exc.remote:
+        # The code-based hints speak about the daemon: local errors carry their own advice.
+        hint = _HINTS.get(exc.reason or "") or _HINTS.get(exc.code.value, "")
+        if hint and "; " in message:
+            message = message.rsplit("; ", 1)[0]  # the daemon's advice, said again below in CLI terms
+    else:
+        hint = ""
     if exc.code == ErrorCode.NOT_FOUND and exc.reason in ("PRESET_NOT_FOUND", "UNKNOWN_VOICE", None):
         hint = hint or "see `vallexctl presets list` for installed voices"
     line = f"vallexctl: {message}" + (f": {hint}" if hint else "")

@@ -29,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vallexd: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
+    from vallexd.config.options import unknown_environment
+
+    for warning in unknown_environment():
+        logging.getLogger("vallexd").warning("%s", warning)
     daemon = Daemon(config)
     try:
         code = asyncio.run(daemon.run())

@@ -65,7 +65,9 @@ def read_vocos_config(config_path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise VocoderError(f"unreadable config: {exc}", path=config_path) from None
+        # One line: YAML errors span several (the last one a lone "^" under the column).
+        problem = " ".join(str(exc).split())[:300]
+        raise VocoderError(f"unreadable config: {problem}", path=config_path) from None
     if not isinstance(config, dict):
         raise VocoderError("config is not a mapping", path=config_path)
     # class_path values name code to import: allow only the vocos package's own classes.

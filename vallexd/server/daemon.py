@@ -224,7 +224,6 @@ class Daemon:
         A load failure is a StartupError: exit 2 when the configuration asks for the impossible
         (a dtype or device this machine lacks), else 1.
         """
-        sd.notify("STATUS=loading the model")
         started = time.monotonic()
         load = asyncio.ensure_future(self.service.start())
         stop = asyncio.ensure_future(self._stop.wait())
