@@ -209,10 +209,10 @@ def _check_weights(models_dir: Path, daemon_args: tuple[str, ...]) -> None:
 def _start_with(models_dir: Path, log_file: Path | None, daemon_args: tuple[str, ...] = ()) -> Started:
     if any(arg == "--socket" or arg.startswith("--socket=") for arg in daemon_args):
         raise click.UsageError("give the socket as `vallexctl --socket PATH daemon start`, not after --")
-    quiet = state().json
+    # Notes go to stderr, so they are given with --json too (stdout stays one JSON document).
     return start_daemon(state().socket_path, checkpoint=models_dir / mdl.MODEL_FILES[0].relpath,
                         vocos_dir=models_dir / "vocos-encodec-24khz", log_file=log_file or default_log_file(),
-                        extra_args=daemon_args, note=None if quiet else note)
+                        extra_args=daemon_args, note=note)
 
 
 def _report_started(started: Started) -> None:
