@@ -45,18 +45,19 @@ def default_log_file() -> Path:
 
 
 def start_daemon(socket_path: Path, *, checkpoint: Path, vocos_dir: Path, log_file: Path,
-                 extra_args: Sequence[str] = (), timeout: float = READY_TIMEOUT_S,
+                 extra_args: Sequence[str] = (), timeout: float = READY_TIMEOUT_S, replace: bool = True,
                  note: Callable[[str], None] | None = None) -> Started:
     """Reuse a daemon serving `checkpoint` at `socket_path`, or start one detached and wait until ready.
 
-    A daemon of ours serving another checkpoint is stopped first; someone else's is refused
-    (InvalidArgument OTHER_WEIGHTS, exit 2). `extra_args` go to vallexd after ours.
+    With `replace`, a daemon of ours serving another checkpoint is stopped first and someone
+    else's is refused (InvalidArgument OTHER_WEIGHTS, exit 2); without, any running daemon is
+    reused. `extra_args` go to vallexd after ours.
     """
     replaced = None
     running = _status(socket_path)
     if running is not None:
         serving = Path(running["checkpoint"]) if running.get("checkpoint") else None
-        if serving is None or _same_file(serving, checkpoint):
+        if serving is None or not replace or _same_file(serving, checkpoint):
             _wait_ready(socket_path, None, log_file, timeout, note)
             return Started(pid=int(running.get("pid") or -1), reused=True, log=None, checkpoint=serving)
         if not _ours(socket_path):

@@ -11,6 +11,7 @@ import click
 
 from vallexctl import model_files as mdl
 from vallexctl.background import Started, default_log_file, start_daemon, stop_daemon
+from vallexctl.client import ping
 from vallexctl.context import state
 from vallexctl.download import DownloadFailed
 from vallexctl.output import EXIT_INTERRUPTED, ProgressLine, emit, json_option, note, stderr_is_tty
@@ -167,8 +168,12 @@ def daemon_start(models_dir: Path | None, demo: bool, log_file: Path | None,
                  daemon_args: tuple[str, ...]) -> None:
     """Start vallexd in the background with the models in DIR (or reuse a running one)."""
     models_dir = _weights_dir(models_dir, demo)
-    _check_weights(models_dir, daemon_args)
-    _report_started(_start_with(models_dir, log_file, daemon_args))
+    own_checkpoint = "--checkpoint" in daemon_args
+    if ping(state().socket_path) is None:
+        _check_weights(models_dir, daemon_args)
+    # A running daemon with other weights is replaced only when these weights are there to use.
+    replace = mdl.models_present(models_dir) and not own_checkpoint
+    _report_started(_start_with(models_dir, log_file, daemon_args, replace=replace))
 
 
 @daemon.command("stop")
@@ -206,13 +211,14 @@ def _check_weights(models_dir: Path, daemon_args: tuple[str, ...]) -> None:
     raise NotFound(f"no model weights in {models_dir}: {advice}", reason="MODELS_MISSING")
 
 
-def _start_with(models_dir: Path, log_file: Path | None, daemon_args: tuple[str, ...] = ()) -> Started:
+def _start_with(models_dir: Path, log_file: Path | None, daemon_args: tuple[str, ...] = (), *,
+                replace: bool = True) -> Started:
     if any(arg == "--socket" or arg.startswith("--socket=") for arg in daemon_args):
         raise click.UsageError("give the socket as `vallexctl --socket PATH daemon start`, not after --")
     # Notes go to stderr, so they are given with --json too (stdout stays one JSON document).
     return start_daemon(state().socket_path, checkpoint=models_dir / mdl.MODEL_FILES[0].relpath,
                         vocos_dir=models_dir / "vocos-encodec-24khz", log_file=log_file or default_log_file(),
-                        extra_args=daemon_args, note=note)
+                        extra_args=daemon_args, replace=replace, note=note)
 
 
 def _report_started(started: Started) -> None:
