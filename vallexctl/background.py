@@ -98,6 +98,9 @@ def _wait_ready(socket_path: Path, proc: subprocess.Popen[bytes] | None, log_fil
         answer = ping(socket_path, timeout=1.0)
         if answer is not None and answer.get("state", "ready") == "ready":
             return
+        if answer is not None and answer.get("state") == "draining":
+            raise Unavailable(f"the vallexd at {socket_path} is shutting down; run this again once it has "
+                              "stopped", reason="SHUTTING_DOWN")
         if answer is not None and not told and note is not None:
             note(f"vallexctl: vallexd is loading its model (log: {log_file}) ...")
             told = True

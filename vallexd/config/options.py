@@ -376,9 +376,11 @@ def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     known = {opt.env for opt in OPTIONS} | {ENV_PREFIX + "CONFIG"}
     warnings = []
+    keys = sorted(name.removeprefix(ENV_PREFIX) for name in known)  # the shared prefix is no likeness
     for name in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else " (`vallexd --help` lists the options)"
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), keys, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else \
+            " (`vallexd --help` lists the options)"
         warnings.append(f"unknown environment variable {name} is ignored{hint}")
     return warnings
 
