@@ -129,14 +129,17 @@ class DaemonProcess:
             time.sleep(0.05)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        """Poll `ping` until it answers; fail early with the log if the process exits."""
+        """Poll `ping` until it answers with the model loaded; fail early with the log if the process exits.
+
+        The socket listens while the model still loads (`state: "loading"`): wait for "ready".
+        """
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"vallexd exited with {self.proc.returncode} before it was ready; "
                                      f"log:\n{self.log_text()}")
             with contextlib.suppress(OSError, ConnectionError):
-                if self.call("ping", timeout=5.0).get("pong"):
+                if self.call("ping", timeout=5.0).get("state", "ready") == "ready":
                     status = self.call("status", timeout=10.0)
                     self.static_url, self.http_url = status.get("static_url"), status.get("http_url")
                     return

@@ -20,7 +20,10 @@ from vallexctl.commands import setup as commands_setup
 from vallexctl.commands import speak as commands_speak
 from vallexctl.context import State, default_socket, state
 from vallexctl.output import (
+    EXIT_INTERRUPTED,
     EXIT_OTHER,
+    EXIT_PIPE_CLOSED,
+    EXIT_USAGE,
     emit,
     error_line,
     exit_code_for,
@@ -31,18 +34,59 @@ from vallexd import __version__
 from vallexd.errors import InvalidArgument, VallexError
 
 EPILOG = """\b
-Exit codes: 0 ok, 1 other failure, 2 usage (bad option or argument),
-3 daemon unreachable, 4 not found (voice, preset, file), 5 busy (queue full).
+Exit codes: 0 ok (or nothing to do), 1 other failure, 2 usage or configuration
+(bad option, argument or daemon setting), 3 daemon unreachable, 4 not found
+(voice, preset, file, model files, a URL), 5 retry later (queue full, model
+still loading), 130 interrupted, 141 stdout closed early.
 Errors are one line on stderr; --json puts machine-readable results on stdout.
 """
+
+
+class _PipeClosed(Exception):
+    """stdout's reader went away; not an OSError, so click's own EPIPE handling (exit 1) stays out."""
 
 
 class VallexGroup(click.Group):
     """Turns every VallexError into one stderr line and its exit code (CliRunner sees it too)."""
 
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Click's main, but every way out is ONE stderr line and a documented exit code.
+
+        Usage errors (exit 2) become `vallexctl CMD: problem (see `vallexctl CMD --help`)` instead of
+        click's four lines; Ctrl-C is `interrupted` (130); a reader that went away (`| head`) ends
+        the program quietly with 141, as a Unix tool killed by SIGPIPE would.
+        """
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+            try:
+                sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            except BrokenPipeError:
+                raise _PipeClosed() from None
+        except click.UsageError as exc:
+            path = exc.ctx.command_path if exc.ctx is not None else "vallexctl"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"{path}: {message} (see `{path} --help`)", err=True)
+            code = EXIT_USAGE
+        except click.ClickException as exc:
+            click.echo(f"vallexctl: {' '.join(exc.format_message().split())}", err=True)
+            code = exc.exit_code
+        except (click.Abort, KeyboardInterrupt, EOFError):
+            click.echo("vallexctl: interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        except _PipeClosed:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # nothing more can reach the reader, not even a flush
+            code = EXIT_PIPE_CLOSED
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _PipeClosed() from None  # the reader went away: main() ends quietly
         except VallexError as exc:
             obj = ctx.find_object(State)
             if obj is not None and obj.json:
@@ -60,7 +104,8 @@ class VallexGroup(click.Group):
 @click.group(cls=VallexGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", envvar="VALLEXD_SOCKET", type=click.Path(path_type=Path),
               help="The daemon's Unix socket [env VALLEXD_SOCKET; default: $XDG_RUNTIME_DIR/vallexd/"
-                   "vallexd.sock, or /run/vallexd/vallexd.sock when only the system service runs].")
+                   "vallexd.sock (/tmp/vallexd-UID/vallexd.sock without XDG_RUNTIME_DIR), or "
+                   "/run/vallexd/vallexd.sock when only the system service runs].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds to wait for an answer (default: as long as the daemon works).")
 @json_option
@@ -94,14 +139,14 @@ def status() -> None:
             ("version", result.get("version")),
             ("pid", result.get("pid")),
             ("uptime", format_duration(float(result.get("uptime_s") or 0))),
-            ("model", "loaded" if result.get("model_loaded") else "not loaded"),
+            ("model", _model_state(result)),
             ("model identity", result.get("model_identity")),
             ("device", f"{result.get('device')} ({result.get('dtype')})"),
             ("queue", f"{result.get('queue_depth')} waiting, {result.get('in_flight')} running, "
                       f"limit {result.get('queue_limit')}"),
             ("cache", f"{cache.get('files', 0)} files, {format_size(int(cache.get('bytes') or 0))}"),
             ("presets", result.get("presets")),
-            ("static url", result.get("static_url")),
+            ("static url", result.get("static_url") or "off"),
             ("http url", result.get("http_url") or "off"),
             ("socket", state().socket_path),
         ]
@@ -109,6 +154,16 @@ def status() -> None:
             click.echo(f"{key + ':':16}{value}")
 
     emit(result, human)
+
+
+def _model_state(status: dict[str, Any]) -> str:
+    """"loading" while the daemon loads its model (it already answers), "loaded", or "shutting down"."""
+    state_ = status.get("state")
+    if state_ == "loading":
+        return "loading (speak waits for it)"
+    if state_ == "draining":
+        return "shutting down"
+    return "loaded" if status.get("model_loaded") else "not loaded"
 
 
 # --------------------------------------------------------------------------- cache
@@ -157,17 +212,15 @@ def cache_prune(older_than: str | None, max_size: str | None, dry_run: bool) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console script entry point."""
-    # Make `vallexctl speak ... | head` not print a traceback when the reader goes away.
-    try:
-        cli.main(args=argv, prog_name="vallexctl")
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        sys.exit(EXIT_OTHER)
+    """Console script entry point (exit codes: see EPILOG and the README)."""
+    cli.main(args=argv, prog_name="vallexctl")
 
 
 # The command modules add their commands to the group.
 commands_speak.register(cli)
 commands_presets.register(cli)
 commands_setup.register(cli)
+
+
+if __name__ == "__main__":
+    main()

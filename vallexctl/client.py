@@ -13,13 +13,14 @@ from __future__ import annotations
 import errno
 import itertools
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from vallexd import protocol
-from vallexd.errors import ErrorCode, ProtocolError, VallexError
+from vallexd.errors import ErrorCode, ProtocolError, Unavailable, VallexError
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 
@@ -59,6 +60,15 @@ class Client:
         self.max_frame = max_frame
         self._sock: socket.socket | None = None
         self._ids = itertools.count(1)
+
+    @classmethod
+    def default(cls, **kwargs: Any) -> Client:
+        """A client for the socket vallexctl would use: $VALLEXD_SOCKET, else the daemon's default
+        for this user ($XDG_RUNTIME_DIR/vallexd/vallexd.sock or /tmp/vallexd-UID/vallexd.sock), else
+        the system service's /run/vallexd/vallexd.sock when only that exists. `kwargs` as for Client."""
+        from vallexctl.context import default_socket
+
+        return cls(default_socket(), **kwargs)
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> Client:
@@ -150,6 +160,32 @@ class Client:
 
     def ping(self) -> dict[str, Any]:
         return self.call("ping")
+
+    def wait_ready(self, timeout: float, *, on_wait: Callable[[], None] | None = None,
+                   poll_s: float = 0.2) -> dict[str, Any]:
+        """Wait up to `timeout` seconds until the daemon's model is loaded; returns the last ping.
+
+        A daemon listens while it loads the model (ping `state: "loading"`) and refuses
+        `synthesize` with UNAVAILABLE / MODEL_LOADING until then. `on_wait()` is called once,
+        when waiting is needed. Raises Unavailable MODEL_LOADING when the time runs out and
+        Unavailable SHUTTING_DOWN when the daemon is stopping.
+        """
+        deadline = time.monotonic() + timeout
+        told = False
+        while True:
+            answer = self.ping()
+            state = answer.get("state", "ready")  # daemons before the field were always ready
+            if state == "ready":
+                return answer
+            if state == "draining":
+                raise Unavailable("vallexd is shutting down", reason="SHUTTING_DOWN")
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"vallexd is still loading its model after {timeout:g} s; "
+                                  "retry later or pass a longer --timeout", reason="MODEL_LOADING")
+            if not told and on_wait is not None:
+                on_wait()
+                told = True
+            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
 
 def ping(socket_path: Path, *, timeout: float = 2.0) -> dict[str, Any] | None:

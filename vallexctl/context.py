@@ -6,6 +6,7 @@ so the command modules and the group do not import each other.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,16 @@ SYSTEM_SOCKET = Path("/run/vallexd/vallexd.sock")
 
 
 def default_socket() -> Path:
-    """The daemon's own default for this user; else the system service's socket if that exists.
+    """$VALLEXD_SOCKET; else the daemon's own default for this user; else the system service's socket
+    if only that exists.
 
     A user's shell has no RUNTIME_DIRECTORY, so the daemon's default resolves to the per-user
     path; when only the system service (systemd/vallexd.socket) is running, use its socket.
     """
     from vallexd.config import default_paths
 
+    if os.environ.get("VALLEXD_SOCKET"):
+        return Path(os.environ["VALLEXD_SOCKET"])
     mine = default_paths().socket_path
     if not mine.exists() and SYSTEM_SOCKET.exists():
         return SYSTEM_SOCKET

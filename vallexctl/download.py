@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vallexd.errors import ErrorCode, InvalidArgument, NotFound, VallexError
 from vallexd.storage.fsutil import sha256_file
@@ -149,6 +150,18 @@ def _transfer(
     Returns True when bytes of an earlier attempt were kept (a real resume).
     """
     have = part.stat().st_size if part.exists() else 0
+    resp = _open(url, part, have, timeout)
+    if resp is None:  # 416 for exactly what we have: the part file is already complete
+        return True
+    with resp:
+        start, total = _accepted_range(resp, url, part, have, max_bytes)
+        done = _receive(resp, url, part, start, total, progress, max_bytes)
+    _check_length(url, part, done, total)
+    return start > 0
+
+
+def _request_headers(part: Path, have: int) -> dict[str, str]:
+    """Plain GET, or a Range for the bytes after `have`, guarded by If-Range when we know a validator."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     validator = _validator_path(part)
     if have:
@@ -157,9 +170,14 @@ def _transfer(
             # If the file changed upstream since the part was started, the server sends it whole
             # (200) instead of splicing new bytes onto old ones.
             headers["If-Range"] = validator.read_text(encoding="ascii").strip()
-    req = urllib.request.Request(url, headers=headers)
+    return headers
+
+
+def _open(url: str, part: Path, have: int, timeout: float) -> Any:
+    """The response, None when the part file is already complete; HTTP failures become our errors."""
+    req = urllib.request.Request(url, headers=_request_headers(part, have))
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        return urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and have:
@@ -167,7 +185,7 @@ def _transfer(
             # stopped between the last byte and the rename); keep it, the digest check decides.
             complete = re.fullmatch(r"bytes \*/(\d+)", (exc.headers.get("Content-Range") or "").strip())
             if complete and int(complete.group(1)) == have:
-                return True
+                return None
             # Otherwise our part file is longer than the resource: it cannot be a prefix of it.
             _discard(part)
             raise _Restart(f"server refused the resume range ({exc.code})") from None
@@ -178,43 +196,57 @@ def _transfer(
         raise DownloadFailed(f"{url}: HTTP {exc.code} {exc.reason}", reason="HTTP_ERROR") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DownloadFailed(f"cannot reach {url}: {reason}", reason="UNREACHABLE") from None
+        raise DownloadFailed(f"cannot reach {url}: {reason}; check the network connection (or proxy "
+                             "settings) and run the command again", reason="UNREACHABLE") from None
 
-    with resp:
-        planned = _plan(resp, have)
-        if planned is None:  # a range we did not ask for: refuse to splice it in
-            _discard(part)
-            raise _Restart(f"server answered an unexpected range for offset {have}")
-        start, total = planned
-        if max_bytes is not None and total is not None and total > max_bytes:
-            raise InvalidArgument(
-                f"{url} is {total} bytes, over the limit of {max_bytes}", reason="DOWNLOAD_TOO_LARGE"
-            )
-        # start == 0 with have > 0: the server ignored Range (200): truncate and take it whole.
-        mode = "ab" if start else "wb"
-        if not start:
-            _remember_validator(resp, validator)
-        done = start
-        with part.open(mode) as out:
-            if progress is not None:
-                progress(done, total)
-            try:
-                while chunk := resp.read(CHUNK):
-                    out.write(chunk)
-                    done += len(chunk)
-                    if max_bytes is not None and done > max_bytes:
-                        out.close()
-                        _discard(part)
-                        raise InvalidArgument(
-                            f"{url} is over the limit of {max_bytes} bytes", reason="DOWNLOAD_TOO_LARGE"
-                        )
-                    if progress is not None:
-                        progress(done, total)
-            except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
-                out.flush()
-                raise _Retryable(f"connection lost after {done} bytes ({exc})") from None
+
+def _accepted_range(resp: Any, url: str, part: Path, have: int,
+                    max_bytes: int | None) -> tuple[int, int | None]:
+    """(offset the body starts at, total size or None); refuses a range we did not ask for or a file
+    over `max_bytes`, and remembers the validator of a whole-file answer for the next resume."""
+    planned = _plan(resp, have)
+    if planned is None:  # a range we did not ask for: refuse to splice it in
+        _discard(part)
+        raise _Restart(f"server answered an unexpected range for offset {have}")
+    start, total = planned
+    if max_bytes is not None and total is not None and total > max_bytes:
+        raise InvalidArgument(
+            f"{url} is {total} bytes, over the limit of {max_bytes}", reason="DOWNLOAD_TOO_LARGE"
+        )
+    if not start:
+        _remember_validator(resp, _validator_path(part))
+    return start, total
+
+
+def _receive(resp: Any, url: str, part: Path, start: int, total: int | None, progress: Progress | None,
+             max_bytes: int | None) -> int:
+    """Stream the body into `part` (appending at `start`, or from scratch); returns the bytes now held."""
+    # start == 0 with a part file: the server ignored Range (200): truncate and take it whole.
+    done = start
+    with part.open("ab" if start else "wb") as out:
+        if progress is not None:
+            progress(done, total)
+        try:
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                done += len(chunk)
+                if max_bytes is not None and done > max_bytes:
+                    out.close()
+                    _discard(part)
+                    raise InvalidArgument(
+                        f"{url} is over the limit of {max_bytes} bytes", reason="DOWNLOAD_TOO_LARGE"
+                    )
+                if progress is not None:
+                    progress(done, total)
+        except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
             out.flush()
-            os.fsync(out.fileno())
+            raise _Retryable(f"connection lost after {done} bytes ({exc})") from None
+        out.flush()
+        os.fsync(out.fileno())
+    return done
+
+
+def _check_length(url: str, part: Path, done: int, total: int | None) -> None:
     # http.client does not raise when the peer closes before Content-Length: check it ourselves.
     if total is not None and done < total:
         raise _Retryable(f"connection closed after {done} of {total} bytes")
@@ -222,7 +254,6 @@ def _transfer(
         _discard(part)
         raise DownloadFailed(f"{url}: server sent {done} bytes, more than announced ({total})",
                              reason="BAD_LENGTH")
-    return start > 0
 
 
 def _validator_path(part: Path) -> Path:

@@ -15,9 +15,14 @@ from vallexd.errors import InvalidArgument, NotFound, TooLarge
 
 
 def default_encodec_path() -> Path:
+    """EnCodec in the models folder; when only the demo weights (`quickstart --demo`) have it, theirs."""
+    from vallexctl.model_files import demo_dir, is_demo
     from vallexd.config import default_paths
 
-    return default_paths().models_dir / ENCODEC_FILE
+    models_dir = default_paths().models_dir
+    real = models_dir / ENCODEC_FILE
+    demo = demo_dir(models_dir) / ENCODEC_FILE
+    return demo if not real.is_file() and demo.is_file() and is_demo(demo.parent) else real
 
 
 def check_duration(wav: Path, max_seconds: float) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vallexctl.download import DigestMismatch, Progress, check_digest, download
-from vallexd.errors import InvalidArgument
+from vallexd.errors import InvalidArgument, NotFound
 from vallexd.storage import fsutil
 from vallexd.storage.fsutil import sha256_file
 
@@ -55,6 +55,40 @@ MODEL_FILES: tuple[ModelFile, ...] = (
               about="EnCodec 24 kHz weights (about 90 MB; for presets made from audio)"),
 )
 ENCODEC = MODEL_FILES[3]
+
+
+#: The demo weights of `quickstart --demo` live beside the models folder, marked by this file.
+DEMO_DIR_NAME = "tiny-demo"
+DEMO_MARKER = "DEMO-WEIGHTS.txt"
+_DEMO_TEXT = ("Tiny RANDOM weights made by `vallexctl quickstart --demo`: they exercise the whole path, "
+              "but the audio they produce is noise. `vallexctl models fetch` gets the real ones.\n")
+
+
+def demo_dir(models_dir: Path) -> Path:
+    """Where `quickstart --demo` keeps its weights: beside the models folder."""
+    return models_dir.parent / DEMO_DIR_NAME
+
+
+def is_demo(folder: Path) -> bool:
+    """True for a folder of demo weights (its marker file is there)."""
+    return (folder / DEMO_MARKER).is_file()
+
+
+def make_demo(folder: Path) -> None:
+    """Tiny random weights in the real formats, marked as demo weights (imports torch: seconds)."""
+    from vallexd.tools.tiny_weights import make_tiny
+
+    make_tiny(folder)
+    fsutil.atomic_write(folder / DEMO_MARKER, _DEMO_TEXT.encode(), mode=None)
+
+
+def files_help() -> str:
+    """The files `models fetch` gets and their public URLs, for `--help` (one block, no wrapping)."""
+    lines = ["\b", "Files (into DIR; with --base-url URL from URL/<file>):"]
+    for mf in MODEL_FILES:
+        lines.append(f"  {mf.relpath}  {mf.about}{'' if mf.required else ' [optional]'}")
+        lines.append(f"    {mf.url}")
+    return "\n".join(lines)
 
 
 def base_url_from(flag: str | None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -138,6 +172,10 @@ def fetch_models(
         try:
             result = download(url, dest, sha256=pinned, sha256_prefix=mf.sha256_prefix,
                               progress=progress_for(mf) if progress_for else None, retries=retries)
+        except NotFound as exc:
+            raise NotFound(f"{exc.message}; {_in_place(reports)}; check the URL"
+                           f"{' (a mirror must serve URL/' + mf.relpath + ')' if base_url else ''} and run "
+                           "`vallexctl models fetch` again", reason=exc.reason) from None
         except DigestMismatch as exc:
             if pinned is not None:
                 exc.message += (
@@ -175,6 +213,11 @@ def verify_models(
         detail = "" if pinned else "no digest recorded yet (run `vallexctl models fetch` to record it)"
         reports.append(FileReport(mf.relpath, status, actual, dest.stat().st_size, detail))
     return reports
+
+
+def _in_place(reports: list[FileReport]) -> str:
+    done = [r.relpath for r in reports]
+    return f"already in place: {', '.join(done)}" if done else "no file is in place yet"
 
 
 def models_present(models_dir: Path) -> bool:

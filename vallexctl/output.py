@@ -21,13 +21,16 @@ from vallexctl.context import State, state
 from vallexd.errors import ErrorCode, InvalidArgument, NotFound, VallexError
 from vallexd.storage import fsutil
 
-# Documented in the README ("Exit codes").
-EXIT_OK = 0
-EXIT_OTHER = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_NOT_FOUND = 4
-EXIT_BUSY = 5
+# The rules, documented in the README ("Exit codes") and `vallexctl --help`; tests/integration/
+# test_exit_codes.py checks each row through the real CLI.
+EXIT_OK = 0  # done, including "nothing to do" (`daemon stop` when none runs)
+EXIT_OTHER = 1  # any other failure: network, digest mismatch, the daemon refused or failed
+EXIT_USAGE = 2  # a bad option or argument, or a daemon configuration that cannot work here
+EXIT_UNREACHABLE = 3  # no daemon answers at the socket
+EXIT_NOT_FOUND = 4  # unknown voice or preset, missing file or model files, a URL that answers 404
+EXIT_BUSY = 5  # retry later: the queue is full, or the model is still loading
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_PIPE_CLOSED = 141  # stdout's reader went away (`| head`), as for a tool killed by SIGPIPE
 
 _EXIT_FOR_CODE = {
     ErrorCode.INVALID_ARGUMENT: EXIT_USAGE,
@@ -37,6 +40,8 @@ _EXIT_FOR_CODE = {
 }
 # Reasons whose code would say "usage" but which are not the user's typing.
 _NOT_USAGE_REASONS = {"DIGEST_MISMATCH", "BAD_CATALOGUE", "BAD_MANIFEST", "DOWNLOAD_TOO_LARGE", "BAD_PROMPT"}
+# Reasons whose code says "unavailable" (1) but which mean "retry later" (5).
+_RETRY_REASONS = {"MODEL_LOADING"}
 
 
 def exit_code_for(exc: VallexError) -> int:
@@ -44,27 +49,39 @@ def exit_code_for(exc: VallexError) -> int:
         return EXIT_UNREACHABLE
     if exc.reason in _NOT_USAGE_REASONS:
         return EXIT_OTHER
+    if exc.reason in _RETRY_REASONS:
+        return EXIT_BUSY
     return _EXIT_FOR_CODE.get(exc.code, EXIT_OTHER)
 
 
-# Hints appended to daemon errors so the one line says what to do next.
+# What to do next, appended to daemon errors in vallexctl's own terms (a flag, a command). The
+# daemon often ends its message with "; advice" in protocol terms ("set overwrite to replace it",
+# "retry later"): where vallexctl has a hint, it REPLACES that advice, so nothing is said twice.
+# By reason first, then by code.
 _HINTS: dict[str, str] = {
-    ErrorCode.NOT_FOUND.value: "",
+    "MODEL_LOADING": "wait a moment; `vallexctl status` says when the model is loaded",
+    "SHUTTING_DOWN": "wait until it has stopped (`vallexctl status`), then start it again",
+    "MODEL_NOT_LOADED": "see `vallexctl status` and the daemon log",
     ErrorCode.ALREADY_EXISTS.value: "add --overwrite to replace it",
-    ErrorCode.BUSY.value: "the queue is full; retry in a moment",
-    ErrorCode.UNAVAILABLE.value: "the daemon is shutting down or has no model loaded; see `vallexctl status`",
-    ErrorCode.TIMEOUT.value: "the request ran past the daemon's deadline; try shorter text",
-    ErrorCode.INTERNAL.value: "see the daemon log (journalctl -u vallexd) for the traceback",
+    ErrorCode.BUSY.value: "retry in a moment",
+    ErrorCode.TIMEOUT.value: "try shorter text, or raise the daemon's --request-timeout",
+    ErrorCode.INTERNAL.value: "see the daemon log (journalctl -u vallexd, or "
+                              "~/.local/state/vallexd/vallexd.log) for the traceback",
 }
 
 
 def error_line(exc: VallexError) -> str:
-    """ONE line: what went wrong and what to do."""
+    """ONE line: what went wrong and what to do, each said once."""
     message = exc.message
     if isinstance(exc, DaemonUnreachable):
         hint = exc.hint
-    else:  # the code-based hints speak about the daemon: local errors carry their own advice
-        hint = _HINTS.get(exc.code.value, "") if exc.remote else ""
+    elif exc.remote:
+        # The code-based hints speak about the daemon: local errors carry their own advice.
+        hint = _HINTS.get(exc.reason or "") or _HINTS.get(exc.code.value, "")
+        if hint and "; " in message:
+            message = message.rsplit("; ", 1)[0]  # the daemon's advice, said again below in CLI terms
+    else:
+        hint = ""
     if exc.code == ErrorCode.NOT_FOUND and exc.reason in ("PRESET_NOT_FOUND", "UNKNOWN_VOICE", None):
         hint = hint or "see `vallexctl presets list` for installed voices"
     line = f"vallexctl: {message}" + (f": {hint}" if hint else "")

@@ -29,8 +29,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vallexd: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
+    from vallexd.config.options import unknown_environment
+
+    for warning in unknown_environment():
+        logging.getLogger("vallexd").warning("%s", warning)
+    daemon = Daemon(config)
     try:
-        return asyncio.run(Daemon(config).run())
+        code = asyncio.run(daemon.run())
+        if daemon.load_abandoned:  # stopped while the model thread was loading: do not wait for it
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except StartupError as exc:
         logging.shutdown()
         print(f"vallexd: {exc}", file=sys.stderr, flush=True)

@@ -351,11 +351,11 @@ def test_daemon_stop_never_signals_a_stranger(tmp_path: Path) -> None:
     stranger = subprocess.Popen(["sleep", "30"])
     try:
         (sock_dir / "vallexd.pid").write_text(f"{stranger.pid}\n")
-        done = ctl_proc("daemon", "stop", env=env)
-        assert done.returncode == 4 and b"not a running vallexd" in done.stderr
+        done = ctl_proc("daemon", "stop", env=env)  # nothing of ours runs: "not running", exit 0
+        assert done.returncode == 0 and b"not running" in done.stdout
         assert stranger.poll() is None
         assert not (sock_dir / "vallexd.pid").exists()
-        assert ctl_proc("daemon", "stop", env=env).returncode == 4  # no pid file at all
+        assert ctl_proc("daemon", "stop", env=env).returncode == 0  # no pid file at all
     finally:
         stranger.kill()
         stranger.wait()

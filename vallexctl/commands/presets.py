@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -11,7 +13,7 @@ import click
 
 from vallexctl import catalogue as cat
 from vallexctl.context import state
-from vallexctl.download import download
+from vallexctl.download import DownloadFailed, download
 from vallexctl.output import ProgressLine, emit, json_option, stderr_is_tty
 from vallexctl.units import format_size
 from vallexd.constants import MAX_PROMPT_SECONDS
@@ -92,6 +94,9 @@ def presets_install(source: str | None, name: str | None, overwrite: bool, expec
     """
     from vallexd.service.requests import validate_name
 
+    if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
+        # Before any download: a digest that cannot match would only be noticed after it.
+        raise click.UsageError(f"--sha256 must be 64 hex digits (a sha256 digest), got {expected_sha256!r}")
     if from_audio is not None:
         if source is not None:
             raise click.UsageError("give either SOURCE or --from-audio, not both")
@@ -170,7 +175,13 @@ def _fetch_source(source: str, expected_sha256: str | None, catalogue_path: Path
             f"{source!r} is not a file, a URL or a preset in the catalogue; "
             "see `vallexctl presets list --available`", reason="NOT_IN_CATALOGUE",
         )
-    return _download_npz(entry.url, expected_sha256 or entry.sha256, show), entry.name, entry.url
+    try:
+        data = _download_npz(entry.url, expected_sha256 or entry.sha256, show)
+    except DownloadFailed as exc:
+        raise DownloadFailed(f"{exc.message}; or download {entry.url} elsewhere and install the file with "
+                             f"`vallexctl preset install FILE.npz --name {shlex.quote(entry.name)}`",
+                             reason=exc.reason) from None
+    return data, entry.name, entry.url
 
 
 def _download_npz(url: str, sha256: str | None, show: bool) -> bytes:

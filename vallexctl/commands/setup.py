@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
 from vallexctl import model_files as mdl
+from vallexctl.background import Started, default_log_file, start_daemon, stop_daemon
 from vallexctl.client import ping
 from vallexctl.context import state
 from vallexctl.download import DownloadFailed
-from vallexctl.output import ProgressLine, emit, json_option, note, stderr_is_tty
+from vallexctl.output import EXIT_INTERRUPTED, ProgressLine, emit, json_option, note, stderr_is_tty
 from vallexctl.units import format_size
 from vallexd.errors import NotFound, Unavailable, VallexError
 
-READY_TIMEOUT_S = 300.0  # loading the 1.5 GB checkpoint on a slow disk can take minutes
 QUICKSTART_TEXT = "Hello! This is vallexd, speaking from your own computer."
 
 
@@ -55,7 +50,18 @@ dir_option = click.option(
 )
 
 
-@models.command("fetch")
+@contextmanager
+def resumable(command: str) -> Iterator[None]:
+    """Ctrl-C during a download: one line saying that running `command` again resumes (exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"vallexctl: interrupted; run `{command}` again to resume the download "
+                   "(the part files are kept)", err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@models.command("fetch", epilog=mdl.files_help())
 @dir_option
 @click.option("--base-url", envvar=mdl.BASE_URL_ENV, metavar="URL",
               help="Fetch from a mirror laid out like the models folder instead of the public URLs "
@@ -68,14 +74,15 @@ def models_fetch(models_dir: Path | None, base_url: str | None, no_encodec: bool
                  progress: bool | None) -> None:
     """Download the VALL-E X checkpoint, the Vocos vocoder and EnCodec; verify their sha256.
 
-    Interrupted downloads resume (HTTP Range). A digest is recorded in
-    manifest.json at the first download and checked on every later run.
+    Interrupted downloads resume (HTTP Range): run the same command again. A digest is
+    recorded in manifest.json at the first download and checked on every later run.
     """
     models_dir = models_dir or default_models_dir()
     show = (stderr_is_tty() if progress is None else progress) and not state().json
-    reports = mdl.fetch_models(models_dir, base_url=mdl.base_url_from(base_url),
-                               include_optional=not no_encodec, progress_for=_progress_for(show),
-                               hash_progress_for=_hash_progress_for(show))
+    with resumable("vallexctl models fetch"):
+        reports = mdl.fetch_models(models_dir, base_url=mdl.base_url_from(base_url),
+                                   include_optional=not no_encodec, progress_for=_progress_for(show),
+                                   hash_progress_for=_hash_progress_for(show))
 
     def human() -> None:
         for r in reports:
@@ -92,6 +99,12 @@ def models_fetch(models_dir: Path | None, base_url: str | None, no_encodec: bool
 def models_verify(models_dir: Path | None) -> None:
     """Check the model files against the recorded digests (changes nothing)."""
     models_dir = models_dir or default_models_dir()
+    if mdl.is_demo(models_dir):
+        emit({"dir": str(models_dir), "ok": True, "demo": True, "files": []},
+             f"{models_dir} holds the demo weights (tiny, random: made by `vallexctl quickstart --demo`); "
+             "they have no published digests, so there is nothing to verify; `vallexctl models fetch` "
+             "gets the real ones")
+        return
     reports = mdl.verify_models(models_dir, hash_progress_for=_hash_progress_for(
         stderr_is_tty() and not state().json))
     bad = [r for r in reports if r.status == "mismatch"]
@@ -111,122 +124,18 @@ def models_verify(models_dir: Path | None) -> None:
                           details=report)
     if missing:
         raise NotFound(f"missing in {models_dir}: {', '.join(r.relpath for r in missing)}; "
-                       "run `vallexctl models fetch`", reason="MODELS_MISSING", details=report)
+                       f"run `vallexctl models fetch`{_demo_hint(models_dir)}", reason="MODELS_MISSING",
+                       details=report)
+
+
+def _demo_hint(models_dir: Path) -> str:
+    demo = mdl.demo_dir(models_dir)
+    if not mdl.is_demo(demo):
+        return ""
+    return f" (the demo weights in {demo} are random and start with `vallexctl daemon start --demo`)"
 
 
 # --------------------------------------------------------------------------- daemon
-
-
-@dataclass(frozen=True)
-class Started:
-    pid: int
-    reused: bool
-    log: Path | None
-
-
-def pid_file(socket_path: Path) -> Path:
-    return socket_path.parent / "vallexd.pid"
-
-
-def default_log_file() -> Path:
-    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state_home) / "vallexd" / "vallexd.log"
-
-
-def start_daemon(socket_path: Path, *, checkpoint: Path | None, vocos_dir: Path | None,
-                 log_file: Path, timeout: float = READY_TIMEOUT_S) -> Started:
-    """Reuse a daemon that answers at `socket_path`, or start one detached and wait for `ping`."""
-    answer = ping(socket_path)
-    if answer is not None:
-        return Started(pid=-1, reused=True, log=None)
-    args = [sys.executable, "-m", "vallexd", "--socket", str(socket_path)]
-    if checkpoint is not None:
-        args += ["--checkpoint", str(checkpoint)]
-    if vocos_dir is not None:
-        args += ["--vocos", str(vocos_dir)]
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with log_file.open("ab") as log:
-        # start_new_session: the daemon leaves our process group, so Ctrl-C here or closing the
-        # terminal does not take it down; stdin from /dev/null so it never waits on a tty.
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True, close_fds=True, cwd="/")
-    _write_pid(pid_file(socket_path), proc.pid)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pid_file(socket_path).unlink(missing_ok=True)
-            tail = _tail(log_file)
-            raise Unavailable(f"vallexd exited with status {proc.returncode} while starting; "
-                              f"last log line: {tail!r} (full log: {log_file})", reason="DAEMON_START_FAILED")
-        if ping(socket_path, timeout=1.0) is not None:
-            return Started(pid=proc.pid, reused=False, log=log_file)
-        time.sleep(0.1)
-    raise Unavailable(f"vallexd did not answer within {timeout:.0f} s; see {log_file}",
-                      reason="DAEMON_START_TIMEOUT")
-
-
-def stop_daemon(socket_path: Path, timeout: float = 30.0) -> int:
-    """SIGTERM the daemon recorded in the pid file; wait for it to exit. Returns its pid."""
-    path = pid_file(socket_path)
-    try:
-        pid = int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        raise NotFound(f"no pid file at {path}: this daemon was not started by vallexctl "
-                       "(stop it with `systemctl stop vallexd` or where you started it)",
-                       reason="NO_PID_FILE") from None
-    if not _is_vallexd(pid, socket_path):
-        path.unlink(missing_ok=True)
-        raise NotFound(f"pid {pid} from {path} is not a running vallexd (stale pid file removed)",
-                       reason="STALE_PID_FILE")
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    # Identity was checked above; now wait for the process itself to go (an exiting process
-    # loses its cmdline before it is gone, so that check would end the wait too early).
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise VallexError(f"vallexd (pid {pid}) did not exit within {timeout:.0f} s of SIGTERM",
-                              reason="STOP_TIMEOUT")
-        time.sleep(0.05)
-    path.unlink(missing_ok=True)
-    return pid
-
-
-def _alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it happens to be our child
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _is_vallexd(pid: int, socket_path: Path) -> bool:
-    """Alive and really our vallexd: pids get reused, so a stale pid file may name another program.
-
-    `start_daemon` passes `--socket PATH` on the command line, so both must be there.
-    """
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return _alive(pid) and b"vallexd" in argv and os.fsencode(str(socket_path)) in argv
-
-
-def _write_pid(path: Path, pid: int) -> None:
-    from vallexctl.output import write_file_atomic
-
-    write_file_atomic(path, f"{pid}\n".encode())
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
 
 
 @click.group()
@@ -236,46 +145,99 @@ def daemon() -> None:
 
 log_option = click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                           help="Where the daemon logs [default: $XDG_STATE_HOME/vallexd/vallexd.log].")
+demo_option = click.option("--demo", is_flag=True,
+                           help="Use the demo weights (tiny, random: the audio is NOISE) of "
+                                "`quickstart --demo`.")
+daemon_args_argument = click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED,
+                                      metavar="[-- VALLEXD_OPTIONS]")
+
+DAEMON_ARGS_HELP = """\b
+Options after `--` go to vallexd itself (see `vallexd --help`), e.g.
+  vallexctl daemon start -- --threads 1 --static-port 0 --http-port 8081
+VALLEXD_* environment variables and a VALLEXD_CONFIG file work too.
+"""
 
 
-@daemon.command("start")
+@daemon.command("start", epilog=DAEMON_ARGS_HELP)
 @dir_option
+@demo_option
 @log_option
+@daemon_args_argument
 @json_option
-def daemon_start(models_dir: Path | None, log_file: Path | None) -> None:
+def daemon_start(models_dir: Path | None, demo: bool, log_file: Path | None,
+                 daemon_args: tuple[str, ...]) -> None:
     """Start vallexd in the background with the models in DIR (or reuse a running one)."""
-    models_dir = models_dir or default_models_dir()
-    started = _start_with(models_dir, log_file)
-    _report_started(started)
+    models_dir = _weights_dir(models_dir, demo)
+    own_checkpoint = "--checkpoint" in daemon_args
+    if ping(state().socket_path) is None:
+        _check_weights(models_dir, daemon_args)
+    # A running daemon with other weights is replaced only when these weights are there to use.
+    replace = mdl.models_present(models_dir) and not own_checkpoint
+    _report_started(_start_with(models_dir, log_file, daemon_args, replace=replace))
 
 
 @daemon.command("stop")
 @json_option
 def daemon_stop() -> None:
-    """SIGTERM the daemon `daemon start`/`quickstart` started, and wait for it to exit."""
-    pid = stop_daemon(state().socket_path)
-    emit({"stopped": True, "pid": pid}, f"stopped vallexd (pid {pid})")
+    """SIGTERM the daemon `daemon start`/`quickstart` started, and wait for it to exit.
+
+    Nothing running is not an error: it says so and exits 0.
+    """
+    sock = state().socket_path
+    pid = stop_daemon(sock)
+    if pid is None:
+        emit({"stopped": False, "running": False, "pid": None},
+             f"vallexd is not running (no daemon at {sock})")
+    else:
+        emit({"stopped": True, "running": False, "pid": pid}, f"stopped vallexd (pid {pid})")
 
 
-def _start_with(models_dir: Path, log_file: Path | None) -> Started:
+def _weights_dir(models_dir: Path | None, demo: bool) -> Path:
+    models_dir = models_dir or default_models_dir()
+    return mdl.demo_dir(models_dir) if demo else models_dir
+
+
+def _check_weights(models_dir: Path, daemon_args: tuple[str, ...]) -> None:
+    """Missing weights: say where, and what gets them (demo weights included), before starting anything."""
+    if mdl.models_present(models_dir) or "--checkpoint" in daemon_args:
+        return
+    if mdl.is_demo(mdl.demo_dir(models_dir)):
+        advice = (f"fetch them with `vallexctl models fetch`, or start the demo weights in "
+                  f"{mdl.demo_dir(models_dir)} with `vallexctl daemon start --demo` "
+                  "(random: the audio is noise)")
+    else:
+        advice = ("fetch them with `vallexctl models fetch` (or try tiny random weights with "
+                  "`vallexctl quickstart --demo`)")
+    raise NotFound(f"no model weights in {models_dir}: {advice}", reason="MODELS_MISSING")
+
+
+def _start_with(models_dir: Path, log_file: Path | None, daemon_args: tuple[str, ...] = (), *,
+                replace: bool = True) -> Started:
+    if any(arg == "--socket" or arg.startswith("--socket=") for arg in daemon_args):
+        raise click.UsageError("give the socket as `vallexctl --socket PATH daemon start`, not after --")
+    # Notes go to stderr, so they are given with --json too (stdout stays one JSON document).
     return start_daemon(state().socket_path, checkpoint=models_dir / mdl.MODEL_FILES[0].relpath,
-                        vocos_dir=models_dir / "vocos-encodec-24khz", log_file=log_file or default_log_file())
+                        vocos_dir=models_dir / "vocos-encodec-24khz", log_file=log_file or default_log_file(),
+                        extra_args=daemon_args, replace=replace, note=note)
 
 
 def _report_started(started: Started) -> None:
     sock = state().socket_path
-    data = {"pid": started.pid, "reused": started.reused, "socket": str(sock),
+    demo = started.checkpoint is not None and mdl.is_demo(started.checkpoint.parent)
+    data = {"pid": started.pid, "reused": started.reused, "socket": str(sock), "demo": demo,
+            "checkpoint": str(started.checkpoint) if started.checkpoint else None,
             "log": str(started.log) if started.log else None}
+    weights = " with the demo weights (the audio is noise)" if demo else ""
     if started.reused:
-        emit(data, f"vallexd is already running at {sock}")
+        emit(data, f"vallexd is already running (pid {started.pid}) at {sock}{weights}")
     else:
-        emit(data, f"started vallexd (pid {started.pid}) at {sock}; log: {started.log}")
+        emit(data, f"started vallexd (pid {started.pid}) at {sock}{weights}; log: {started.log}")
 
 
 # --------------------------------------------------------------------------- quickstart
 
 
-@click.command()
+@click.command(epilog=DAEMON_ARGS_HELP)
 @click.option("--demo", is_flag=True, help="Use tiny random weights (no download). The audio is NOISE.")
 @dir_option
 @click.option("--base-url", envvar=mdl.BASE_URL_ENV, metavar="URL", help="Models mirror (see models fetch).")
@@ -283,53 +245,70 @@ def _report_started(started: Started) -> None:
               default=Path("vallexd-quickstart.wav"), show_default=True, help="Where to write the sentence.")
 @click.option("--text", default=QUICKSTART_TEXT, help="What to say.")
 @log_option
+@daemon_args_argument
 @json_option
 def quickstart(demo: bool, models_dir: Path | None, base_url: str | None, output: Path, text: str,
-               log_file: Path | None) -> None:
-    """From nothing to a spoken sentence: fetch models, start vallexd, speak one sentence to a WAV."""
+               log_file: Path | None, daemon_args: tuple[str, ...]) -> None:
+    """From nothing to a spoken sentence: fetch models, start vallexd, speak one sentence to a WAV.
+
+    A vallexd that vallexctl started with other weights (the demo's, say) is restarted with these.
+    """
+    from vallexctl.commands.speak import call_when_ready
+    from vallexctl.output import check_writable_dir, write_file_atomic
+
     st = state()
-    show = stderr_is_tty() and not st.json
-    models_dir = models_dir or default_models_dir()
+    check_writable_dir(output)
+    models_dir = _weights_dir(models_dir, demo)
     if demo:
-        models_dir = models_dir.parent / "tiny-demo"
-        if not mdl.models_present(models_dir):
-            note(f"making tiny random demo weights in {models_dir} (the audio will be noise) ...")
-            from vallexd.tools.tiny_weights import make_tiny  # torch: only here
-
-            make_tiny(models_dir)
+        _ensure_demo(models_dir)
     elif not mdl.models_present(models_dir):
-        note(f"fetching the VALL-E X models into {models_dir} (about 1.6 GB) ...")
-        try:
-            mdl.fetch_models(models_dir, base_url=mdl.base_url_from(base_url), include_optional=False,
-                             progress_for=_progress_for(show))
-        except (DownloadFailed, NotFound) as exc:
-            raise Unavailable(
-                f"could not fetch the model weights ({exc.message}); download them by hand into "
-                f"{models_dir} (see `vallexctl models fetch --help` for the files and URLs, or use "
-                f"--base-url with a mirror), or try everything offline with `vallexctl quickstart --demo` "
-                "(tiny random weights: the audio is noise)",
-                reason="MODELS_UNAVAILABLE",
-            ) from None
+        _fetch_for_quickstart(models_dir, base_url)
 
-    started = _start_with(models_dir, log_file)
-    if not st.json:
-        note(f"vallexd is {'already running' if started.reused else f'running (pid {started.pid})'} "
-             f"at {st.socket_path}")
-    from vallexctl.output import write_file_atomic
-
-    with state().client() as c:
-        result = c.call("synthesize", {"text": text, "language": "en", "return": "audio"})
-    audio = result.pop("audio")
-    write_file_atomic(output, bytes(audio))
-    data = {"output": str(output.resolve()), "demo": demo, "daemon_pid": started.pid,
+    started = _start_with(models_dir, log_file, daemon_args)
+    with st.client() as c:
+        result = call_when_ready(c, "synthesize", {"text": text, "language": "en", "return": "audio"})
+    write_file_atomic(output, bytes(result.pop("audio")))
+    spoke_demo = started.checkpoint is not None and mdl.is_demo(started.checkpoint.parent)
+    data = {"output": str(output.resolve()), "demo": spoke_demo, "daemon_pid": started.pid,
             "daemon_reused": started.reused, "duration_s": result.get("duration_s"),
-            "models_dir": str(models_dir)}
+            "models_dir": str(started.checkpoint.parent if started.checkpoint else models_dir)}
+    if not st.json:
+        note(f"vallexd is {'already running' if started.reused else 'running'} (pid {started.pid}) "
+             f"at {st.socket_path}")
     lines = [str(output.resolve())]
-    if demo:
+    if spoke_demo:
         lines.append("(demo weights are random: this WAV is noise; "
                      "run `vallexctl quickstart` online for speech)")
     lines.append("next: vallexctl speak -o out.wav \"your text\"; vallexctl presets list --available")
     emit(data, "\n".join(lines))
+
+
+def _ensure_demo(folder: Path) -> None:
+    if mdl.models_present(folder):
+        if not mdl.is_demo(folder):  # made by an older vallexctl: mark it
+            from vallexd.storage import fsutil
+
+            fsutil.atomic_write(folder / mdl.DEMO_MARKER, b"tiny random demo weights\n", mode=None)
+        return
+    note(f"making tiny random demo weights in {folder} (the audio will be noise) ...")
+    mdl.make_demo(folder)
+
+
+def _fetch_for_quickstart(models_dir: Path, base_url: str | None) -> None:
+    note(f"fetching the VALL-E X models into {models_dir} (about 1.6 GB) ...")
+    show = stderr_is_tty() and not state().json
+    try:
+        with resumable("vallexctl quickstart"):
+            mdl.fetch_models(models_dir, base_url=mdl.base_url_from(base_url), include_optional=False,
+                             progress_for=_progress_for(show))
+    except (DownloadFailed, NotFound) as exc:
+        raise Unavailable(
+            f"could not fetch the model weights ({exc.message}); download them by hand into "
+            f"{models_dir} (`vallexctl models fetch --help` lists the files and URLs, or use "
+            f"--base-url with a mirror), or try everything offline with `vallexctl quickstart --demo` "
+            "(tiny random weights: the audio is noise)",
+            reason="MODELS_UNAVAILABLE",
+        ) from None
 
 
 def register(cli: click.Group) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from vallexctl.client import Client, EventHandler
 from vallexctl.context import state
 from vallexctl.output import (
     ProgressLine,
@@ -22,7 +23,7 @@ from vallexctl.output import (
     write_file_atomic,
 )
 from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
-from vallexd.errors import InvalidArgument, NotFound, ProtocolError
+from vallexd.errors import InvalidArgument, NotFound, ProtocolError, Unavailable, VallexError
 
 # Players tried in order; each gets the WAV path as its last argument.
 PLAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -63,6 +64,27 @@ def speak_params(text: str, *, voice: str | None, language: str, accent: str, lo
     }
 
 
+#: How long `speak` waits for a daemon that is still loading its model, unless --timeout says.
+MODEL_WAIT_S = 300.0
+
+
+def call_when_ready(client: Client, method: str, params: dict[str, Any], *,
+                    on_event: EventHandler | None = None) -> dict[str, Any]:
+    """`client.call`, but a daemon still loading its model is waited for (with a note) and asked again.
+
+    Waits up to the global --timeout, else MODEL_WAIT_S; then Unavailable MODEL_LOADING (exit 5).
+    """
+    try:
+        return client.call(method, params, on_event=on_event)
+    except Unavailable as exc:
+        if exc.reason != "MODEL_LOADING":
+            raise
+    wait_s = state().timeout or MODEL_WAIT_S
+    client.wait_ready(wait_s, on_wait=lambda: note(
+        f"vallexctl: vallexd is loading its model; waiting up to {wait_s:g} s ..."))
+    return client.call(method, params, on_event=on_event)
+
+
 @click.command()
 @click.argument("text", required=False)
 @click.option("-v", "--voice", metavar="NAME", help="Installed preset to speak with (see `presets list`).")
@@ -73,6 +95,9 @@ def speak_params(text: str, *, voice: str | None, language: str, accent: str, lo
 @click.option("--long/--no-long", default=None,
               help="Split into sentences and speak them one by one [default: when the text is long].")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Random seed, for repeatable output.")
+@click.option("--fresh", is_flag=True,
+              help="A new take: run the model even when the cache has this request (the new WAV "
+                   "replaces the cached one).")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample from the k likeliest codes; 0 disables top-k.")
 @click.option("--temperature", type=click.FloatRange(0.01, 10), default=1.0, show_default=True)
@@ -85,16 +110,34 @@ def speak_params(text: str, *, voice: str | None, language: str, accent: str, lo
               help="Show progress of long text on stderr [default: when stderr is a terminal].")
 @json_option
 def speak(text: str | None, voice: str | None, language: str, accent: str, long: bool | None,
-          seed: int | None, top_k: int, temperature: float, output: Path | None, to_stdout: bool,
-          play: bool, progress: bool | None) -> None:
+          seed: int | None, fresh: bool, top_k: int, temperature: float, output: Path | None,
+          to_stdout: bool, play: bool, progress: bool | None) -> None:
     """Speak TEXT (or stdin) with vallexd.
 
     Without -o/--stdout/--play it prints where the daemon cached the WAV
-    (path and URL of its static server).
+    (path and URL of its static server). A daemon still loading its model is
+    waited for (up to --timeout, default 300 s).
     """
-    st = state()
-    as_json = st.json
-    if to_stdout and as_json:
+    _check_destinations(output, to_stdout)
+    player = find_player() if play else None  # fail before the (slow) synthesis, not after
+    text = _read_checked_text(text, voice)
+    want_audio = bool(output or to_stdout or play)
+    params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
+                          top_k=top_k, temperature=temperature, want_audio=want_audio)
+    if fresh:
+        params["fresh"] = True
+    result = _synthesize(params, progress)
+    audio = result.pop("audio", None)
+    if want_audio and not isinstance(audio, (bytes, bytearray)):
+        raise ProtocolError("the daemon sent no audio", reason="NO_AUDIO")
+    _deliver(bytes(audio or b""), result, output=output, to_stdout=to_stdout, player=player)
+    if not to_stdout:  # stdout carries the WAV; nothing else may go there
+        _report(result, output=output, play=play)
+
+
+def _check_destinations(output: Path | None, to_stdout: bool) -> None:
+    """Refuse impossible output combinations before any work (usage errors, exit 2)."""
+    if to_stdout and state().json:
         raise click.UsageError("--stdout and --json both want stdout; pick one (or use -o FILE --json)")
     if to_stdout and output is not None:
         raise click.UsageError("use either -o FILE or --stdout")
@@ -102,9 +145,12 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
         raise click.UsageError(
             "refusing to write WAV bytes to a terminal: redirect stdout (> file.wav) or use -o FILE"
         )
-    player = find_player() if play else None  # fail before the (slow) synthesis, not after
     if output is not None:
         check_writable_dir(output)
+
+
+def _read_checked_text(text: str | None, voice: str | None) -> str:
+    """The text to speak (argument or stdin), non-empty, and a voice name that is a name."""
     text = read_text(text)
     if not text:
         raise InvalidArgument("there is no text to speak", reason="EMPTY_TEXT")
@@ -112,10 +158,11 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
         from vallexd.service.requests import validate_name
 
         validate_name(voice, "voice")
+    return text
 
-    want_audio = bool(output or to_stdout or play)
-    params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
-                          top_k=top_k, temperature=temperature, want_audio=want_audio)
+
+def _synthesize(params: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+    """Ask the daemon (waiting for a model that still loads), with a progress line for long text."""
     show = ProgressLine("speaking", enabled=stderr_is_tty() if progress is None else progress, unit="pieces")
 
     def on_event(name: str, data: dict[str, Any]) -> None:
@@ -123,40 +170,46 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
         if name == "progress" and total > 1:  # one piece is not worth a progress line
             show(int(data.get("done") or 0), total)
 
-
     with state().client() as c:
-        result = c.call("synthesize", params, on_event=on_event)
+        return call_when_ready(c, "synthesize", params, on_event=on_event)
 
-    audio = result.pop("audio", None)
-    if want_audio and not isinstance(audio, (bytes, bytearray)):
-        raise ProtocolError("the daemon sent no audio", reason="NO_AUDIO")
+
+def _deliver(audio: bytes, result: dict[str, Any], *, output: Path | None, to_stdout: bool,
+             player: list[str] | None) -> None:
+    """Write the WAV to the file, stdout and/or the player; a failing player is an error (exit 1)."""
     if output is not None:
-        write_file_atomic(output, bytes(audio))  # type: ignore[arg-type]
+        write_file_atomic(output, audio)
         result["output"] = str(output.resolve())
     if to_stdout:
         out = click.get_binary_stream("stdout")
-        out.write(bytes(audio))  # type: ignore[arg-type]
+        out.write(audio)
         out.flush()
     if player is not None:
         with tempfile.NamedTemporaryFile(suffix=".wav", prefix="vallexctl-") as tmp:
-            tmp.write(bytes(audio))  # type: ignore[arg-type]
+            tmp.write(audio)
             tmp.flush()
             done = subprocess.run([*player, tmp.name], check=False)
         if done.returncode != 0:
-            note(f"vallexctl: {Path(player[0]).name} exited with status {done.returncode}")
+            where = f"; the WAV is at {result['path']}" if result.get("path") else ""
+            raise VallexError(
+                f"{Path(player[0]).name} exited with status {done.returncode}{where}; check the audio "
+                "device, or write a file with -o FILE", reason="PLAYER_FAILED")
 
-    if to_stdout:
-        return  # stdout carries the WAV; nothing else may go there
+
+def _report(result: dict[str, Any], *, output: Path | None, play: bool) -> None:
+    """The human line (path, URL when the static server runs, duration) or the JSON result."""
     summary = (f"{result.get('duration_s', 0):.2f} s, {result.get('pieces', 1)} piece(s)"
                f"{', from cache' if result.get('cached') else ''}")
-    if as_json:
+    if state().json:
         import json
 
         click.echo(json.dumps(result, ensure_ascii=False, sort_keys=True))
     elif output is not None:
         click.echo(f"{result['output']}  ({summary})")
     elif not play:
-        emit(result, f"{result.get('path')}\n{result.get('url')}  ({summary})")
+        where = [str(result.get("path"))] if result.get("path") else []
+        where.append(f"{result['url']}  ({summary})" if result.get("url") else f"({summary})")
+        emit(result, "\n".join(where))
 
 
 def register(cli: click.Group) -> None:

@@ -333,18 +333,46 @@ def _make_path(text: str, base: Path) -> Path:
 def _read_toml(path: Path) -> dict[str, Any]:
     source = f"config file {path}"
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        text = path.read_bytes().decode("utf-8")
+        data = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(source, "config", f"cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(source, "config", f"not valid TOML: {exc}") from None
+    if "socket_mode" in data:
+        data["socket_mode"] = _mode_as_written(text, data["socket_mode"])
     for key, value in data.items():
         if key not in _BY_KEY:
             raise ConfigError(source, key, "unknown key")
         if isinstance(value, dict):
             raise ConfigError(source, key, "expected a value, got a table")
     return data
+
+
+def _mode_as_written(text: str, value: Any) -> Any:
+    """TOML `socket_mode = 660` is the decimal integer 660: read its digits as octal, as systemd's
+    SocketMode= does. Only a literal written `0o660` is taken as the number it is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        written = re.search(r"(?m)^\s*socket_mode\s*=\s*([0-9a-zA-Z_+]+)", text)
+        if written is None or not written.group(1).lower().startswith("0o"):
+            return str(value)  # _mode parses the digits as octal (and refuses 8s and 9s)
+    return value
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning per VALLEXD_* variable that is no option (a typo is otherwise silently ignored)."""
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = {opt.env for opt in OPTIONS} | {ENV_PREFIX + "CONFIG"}
+    warnings = []
+    keys = sorted(name.removeprefix(ENV_PREFIX) for name in known)  # the shared prefix is no likeness
+    for name in sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known):
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), keys, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else \
+            " (`vallexd --help` lists the options)"
+        warnings.append(f"unknown environment variable {name} is ignored{hint}")
+    return warnings
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:

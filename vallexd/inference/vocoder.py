@@ -65,7 +65,13 @@ def read_vocos_config(config_path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise VocoderError(f"unreadable config: {exc}", path=config_path) from None
+        # One line: YAML errors span several (the last one a lone "^" under the column).
+        mark = getattr(exc, "problem_mark", None)
+        if getattr(exc, "problem", None) and mark is not None:
+            problem = f"not valid YAML ({exc.problem} at line {mark.line + 1}, column {mark.column + 1})"
+        else:
+            problem = " ".join(str(exc).split())[:300]
+        raise VocoderError(f"unreadable config: {problem}", path=config_path) from None
     if not isinstance(config, dict):
         raise VocoderError("config is not a mapping", path=config_path)
     # class_path values name code to import: allow only the vocos package's own classes.

@@ -34,6 +34,9 @@ def load_weights(path: Path, error: type[WeightsError], what: str = "state dict"
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many unrelated types for a bad file
         first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        if "weights_only" in str(exc) or "Weights only load failed" in first_line:
+            # torch's advice (load with weights_only=False) is wrong here: it would run pickled code.
+            first_line = "it holds more than tensors, or is damaged"
         raise error(f"not a readable {what} ({type(exc).__name__}: {first_line})", path=path) from None
     if not isinstance(obj, dict):
         raise error(f"not a {what}", path=path)

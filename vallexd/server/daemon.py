@@ -1,10 +1,14 @@
 """The daemon process: lock, service start, child server, listeners, signals, shutdown.
 
-Start order (each step only after the previous one worked, so clients never reach
-a half-started daemon):
+Start order (each step only after the previous one worked):
 
-    lock <socket>.lock → Service.start() (model load) → static child → listeners
-    → sd_notify READY=1
+    config check → lock <socket>.lock → Service → static child → socket (and HTTP) listen
+    → model load → sd_notify READY=1
+
+The socket listens before the model loads (seconds for the real checkpoint): `ping` and
+`status` answer at once with `state: "loading"`, and `synthesize` is refused with
+UNAVAILABLE / MODEL_LOADING until the model is in (clients wait, as vallexctl does).
+READY=1 still means "the model is loaded", as systemd's Type=notify expects.
 
 Shutdown (SIGTERM/SIGINT): STOPPING=1 → stop accepting → in-flight requests finish
 within config.grace_s → child stopped → socket removed (unless socket-activated:
@@ -25,7 +29,7 @@ from typing import Any
 
 from vallexd import __version__
 from vallexd.config import Config
-from vallexd.errors import VallexError
+from vallexd.errors import ErrorCode, VallexError
 from vallexd.server import systemd as sd
 from vallexd.server.http_api import HttpApi, check_http_config
 from vallexd.server.rpc import RpcServer
@@ -51,6 +55,27 @@ def setup_logging(level: str) -> None:
                         force=True)
 
 
+#: Load failures that are the configuration's fault (exit 2), and the option to change.
+_CONFIG_REASONS = {"BAD_DTYPE": "--dtype", "BAD_DEVICE": "--device", "DEVICE_UNAVAILABLE": "--device"}
+
+
+def load_failure(exc: VallexError) -> tuple[str, int]:
+    """One sentence for a failed model load, naming the file or option and the fix; and the exit code."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, VallexError) else exc
+    detail = cause.message.removeprefix("cannot load the model: ")
+    option = _CONFIG_REASONS.get(cause.reason or "")
+    if option is not None:
+        return (f"cannot load the model: {detail}; change {option} "
+                f"(or VALLEXD_{option[2:].upper()}), e.g. {option} auto"), 2
+    if cause.code == ErrorCode.NOT_FOUND:
+        return (f"cannot load the model: {detail}; fetch the files with `vallexctl models fetch` "
+                "or point --checkpoint/--vocos at them"), 1
+    if cause.code == ErrorCode.INVALID_ARGUMENT:  # a file that exists but is not usable
+        return (f"cannot load the model: {detail}; check the files with `vallexctl models verify`, "
+                "then delete the damaged one and run `vallexctl models fetch`"), 1
+    return f"cannot load the model: {detail}", 1
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -64,75 +89,97 @@ class Daemon:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._inherited: list[tuple[int, str]] = []
+        self._group_id: int | None = None
+        #: True when SIGTERM came while the model was still loading (its thread is left to exit).
+        self.load_abandoned = False
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT, shut down; returns the exit status."""
-        loop = asyncio.get_running_loop()
         try:
             await self._start()
         except BaseException:
             await self._shutdown(quiet=True)  # undo what did start (child, lock), then report
             raise
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._on_stop_signal, sig)
-            loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._rescan()))
-            self._ready()
-            await self._stop.wait()
+            self._install_signal_handlers()
+            if await self._load_model():
+                self._ready()
+                await self._stop.wait()
         finally:
             await self._shutdown()
         return 0
 
     # ------------------------------------------------------------------ start
     async def _start(self) -> None:
+        """Everything before the model load, in order; each step only after the previous one worked."""
+        self._inherited = sd.listen_fds()  # read (and clear) first, before any child can inherit the env
+        self._check_config()
+        self._take_lock()
+        self._make_service()
+        await self._start_static_child()
+        await self._listen_socket()
+        await self._listen_http()
+
+    def _check_config(self) -> None:
+        """Refuse an unusable HTTP setup (exit 2) before anything else happens."""
         cfg = self.config
-        inherited = sd.listen_fds()  # read (and clear) first, before any child can inherit the env
         if cfg.http_port is not None:
             try:
                 check_http_config(cfg.http_host, cfg.http_token)
             except VallexError as exc:
                 raise StartupError(exc.message, exit_code=2) from None
-        group_id = group_id_of(cfg.socket_group)
+
+    def _take_lock(self) -> None:
+        """The socket folder, the instance lock, and (unless activated) a socket path we may replace."""
+        cfg = self.config
+        self._group_id = group_id_of(cfg.socket_group)
         try:
-            prepare_socket_dir(cfg.lock_path, group_id)
+            prepare_socket_dir(cfg.lock_path, self._group_id)
         except OSError as exc:
             raise StartupError(f"cannot create {cfg.lock_path.parent}: {exc.strerror or exc}") from None
         self.lock.acquire(cfg.socket_path)
-        if not inherited:
-            check_socket_path(cfg.socket_path)  # fail before the (slow) model load, not after
+        if not self._inherited:
+            check_socket_path(cfg.socket_path)
 
+    def _make_service(self) -> None:
+        """The service, with its stores; the model is loaded later by `_load_model`."""
         # Import here: service pulls in the worker (and lazily torch); a config error or a
         # held lock should be reported before paying for that.
         from vallexd.service.service import Service
 
         try:
-            self.service = Service(cfg)
+            self.service = Service(self.config)
         except VallexError as exc:
             raise StartupError(exc.message, exit_code=2) from None
         except OSError as exc:
             where = exc.filename or "the data folders"
             raise StartupError(f"cannot prepare {where}: {exc.strerror}") from None
-        started = time.monotonic()
+
+    async def _start_static_child(self) -> None:
+        cfg = self.config
+        if not cfg.static_enabled:
+            return
+        self.child = StaticChild(cfg.cache_dir, cfg.static_host, cfg.static_port)
         try:
-            await self.service.start()
-        except VallexError as exc:
-            raise StartupError(f"cannot load the model: {exc.message}") from None
-        log.info("model ready in %.1fs", time.monotonic() - started)
+            await self.child.start()
+        except (VallexError, OSError) as exc:
+            raise StartupError(
+                f"cannot start the static file server on {cfg.static_host}:{cfg.static_port}: {exc}; "
+                "pick another port with --static-port PORT (0 = any free port) or turn it off with "
+                "--no-static") from None
+        self.service.static_base_url = self.child.base_url
 
-        if cfg.static_enabled:
-            self.child = StaticChild(cfg.cache_dir, cfg.static_host, cfg.static_port)
-            try:
-                await self.child.start()
-            except (VallexError, OSError) as exc:
-                raise StartupError(f"cannot start the static file server: {exc}") from None
-            self.service.static_base_url = self.child.base_url
-
+    async def _listen_socket(self) -> None:
+        """Serve the socket now, before the model loads: ping and status answer `state: loading`."""
+        cfg = self.config
         self.rpc = RpcServer(self.service, max_frame=cfg.max_frame_bytes, max_connections=cfg.max_connections,
                              idle_timeout_s=cfg.idle_timeout_s)
-        if inherited:
-            fd, name = inherited[0]
-            if len(inherited) > 1:
-                log.warning("socket activation passed %d sockets; serving only the first", len(inherited))
+        if self._inherited:
+            fd, name = self._inherited[0]
+            if len(self._inherited) > 1:
+                log.warning("socket activation passed %d sockets; serving only the first",
+                            len(self._inherited))
             sock = socket.socket(fileno=fd)
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 raise StartupError(f"socket-activation fd {fd} ({name}) is not a Unix stream socket", 2)
@@ -141,24 +188,61 @@ class Daemon:
             await self.rpc.start(sock=sock)
             log.info("serving the socket-activated fd %d (%s)", fd, name)
         else:
-            sock = bind_unix_socket(cfg.socket_path, cfg.socket_mode, group_id)
+            sock = bind_unix_socket(cfg.socket_path, cfg.socket_mode, self._group_id)
             st = cfg.socket_path.stat()
             self._socket_inode = (st.st_dev, st.st_ino)
             await self.rpc.start(sock=sock)
             log.info("listening on %s", cfg.socket_path)
 
-        if cfg.http_port is not None:
-            try:
-                self.http = HttpApi(self.service, host=cfg.http_host, port=cfg.http_port,
-                                    token=cfg.http_token, cors_origins=cfg.http_cors_origins,
-                                    max_body=cfg.http_max_body)
-                await self.http.start()
-            except VallexError as exc:
-                raise StartupError(str(exc.message), exit_code=2) from None
-            except OSError as exc:
-                raise StartupError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: "
-                                   f"{exc.strerror or exc}") from None
-            self.service.http_url = self.http.url
+    async def _listen_http(self) -> None:
+        """The optional HTTP API, also before the model: /health says 503 until it is loaded."""
+        cfg = self.config
+        if cfg.http_port is None:
+            return
+        try:
+            self.http = HttpApi(self.service, host=cfg.http_host, port=cfg.http_port,
+                                token=cfg.http_token, cors_origins=cfg.http_cors_origins,
+                                max_body=cfg.http_max_body)
+            await self.http.start()
+        except VallexError as exc:
+            raise StartupError(str(exc.message), exit_code=2) from None
+        except OSError as exc:
+            raise StartupError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: "
+                               f"{exc.strerror or exc}") from None
+        self.service.http_url = self.http.url
+
+    def _install_signal_handlers(self) -> None:
+        # Before the model load: SIGTERM while loading must shut down cleanly (socket removed).
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._rescan()))
+
+    async def _load_model(self) -> bool:
+        """Load the model while the listeners already answer; False when stopped before it was loaded.
+
+        A load failure is a StartupError: exit 2 when the configuration asks for the impossible
+        (a dtype or device this machine lacks), else 1.
+        """
+        started = time.monotonic()
+        load = asyncio.ensure_future(self.service.start())
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not load.done():
+            # The load runs in a thread that cannot be interrupted: leave it to the process exit.
+            self.load_abandoned = True
+            load.cancel()
+            log.info("stopped before the model finished loading")
+            return False
+        exc = load.exception()
+        if exc is not None:
+            if isinstance(exc, VallexError):
+                message, exit_code = load_failure(exc)
+                raise StartupError(message, exit_code) from None
+            raise exc
+        log.info("model ready in %.1fs", time.monotonic() - started)
+        return True
 
     def _ready(self) -> None:
         where = "socket-activated fd" if self.activated else str(self.config.socket_path)

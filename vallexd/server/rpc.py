@@ -101,7 +101,8 @@ class RpcServer:
     # ------------------------------------------------------------------ methods
     async def _ping(self, req: _Request) -> dict[str, Any]:
         _no_params("ping", req.params)
-        return {"pong": True, "version": __version__}
+        # "state" lets a client that connected while the model loads wait for "ready".
+        return {"pong": True, "version": __version__, "state": getattr(self.service, "state", "ready")}
 
     async def _status(self, req: _Request) -> dict[str, Any]:
         _no_params("status", req.params)

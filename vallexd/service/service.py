@@ -94,7 +94,7 @@ class Service:
         self.http_url: str | None = None
         self._text_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vallexd-text")
         self._warm_up = warm_up
-        self._state = "new"  # -> "running" after start() -> "draining" once drain() begins
+        self._state = "new"  # -> "loading" in start() -> "running" -> "draining" once drain() begins
         self._active = 0  # synthesize calls in progress (any stage)
         self._quiet = asyncio.Event()  # set whenever _active drops to 0
         self._preparing = 0  # cache misses admitted but not yet handed to the worker (text stage)
@@ -104,6 +104,7 @@ class Service:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Index presets and load the model; raises Unavailable(MODEL_LOAD_FAILED) if it cannot."""
+        self._state = "loading"
         await asyncio.to_thread(self.presets.rescan)
         await self.worker.start()
         self._state = "running"
@@ -130,8 +131,16 @@ class Service:
     def _check_accepting(self) -> None:
         if self._state == "draining":
             raise Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
+        if self._state == "loading":
+            raise Unavailable("the model is still loading; retry when `status` says ready",
+                              reason="MODEL_LOADING")
         if self._state != "running":
             raise Unavailable("the model is not loaded", reason="MODEL_NOT_LOADED")
+
+    @property
+    def state(self) -> str:
+        """"loading" (listening, model not in yet), "ready", or "draining" (shutting down)."""
+        return {"running": "ready", "draining": "draining"}.get(self._state, "loading")
 
     # ------------------------------------------------------------------ synthesize
     async def synthesize(
@@ -360,8 +369,10 @@ class Service:
             "device": str(engine.device) if engine is not None else self.config.device,
             "dtype": str(engine.dtype) if engine is not None else self.config.dtype,
             "threads": engine.threads if engine is not None else self.config.threads,
+            "state": self.state,
             "model_loaded": engine is not None,
             "model_identity": str(engine.identity) if engine is not None else None,
+            "checkpoint": str(self.config.checkpoint) if self.config.checkpoint else None,
             "queue_depth": self.worker.queue_depth,
             "queue_limit": self.worker.queue_limit,
             "in_flight": self.worker.in_flight,
