@@ -34,6 +34,7 @@ _EXIT_FOR_CODE = {
     ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
     ErrorCode.UNKNOWN_METHOD: EXIT_NOT_FOUND,
     ErrorCode.BUSY: EXIT_BUSY,
+    ErrorCode.RESOURCE_EXHAUSTED: EXIT_BUSY,  # out of (GPU) memory: retry later or with shorter text
 }
 # Reasons whose code would say "usage" but which are not the user's typing.
 _NOT_USAGE_REASONS = {"DIGEST_MISMATCH", "BAD_CATALOGUE", "BAD_MANIFEST", "DOWNLOAD_TOO_LARGE", "BAD_PROMPT"}
@@ -53,6 +54,7 @@ _HINTS: dict[str, str] = {
     ErrorCode.ALREADY_EXISTS.value: "add --overwrite to replace it",
     ErrorCode.BUSY.value: "the queue is full; retry in a moment",
     ErrorCode.UNAVAILABLE.value: "the daemon is shutting down or has no model loaded; see `vallexctl status`",
+    ErrorCode.RESOURCE_EXHAUSTED.value: "the daemon ran out of memory; retry later or with shorter text",
     ErrorCode.TIMEOUT.value: "the request ran past the daemon's deadline; try shorter text",
     ErrorCode.INTERNAL.value: "see the daemon log (journalctl -u vallexd) for the traceback",
 }

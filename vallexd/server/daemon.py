@@ -64,6 +64,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._exit_code = 0
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT, shut down; returns the exit status."""
@@ -81,7 +82,7 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self._shutdown()
-        return 0
+        return self._exit_code
 
     # ------------------------------------------------------------------ start
     async def _start(self) -> None:
@@ -118,6 +119,7 @@ class Daemon:
         except VallexError as exc:
             raise StartupError(f"cannot load the model: {exc.message}") from None
         log.info("model ready in %.1fs", time.monotonic() - started)
+        self.service.worker.on_fatal = self._on_fatal
 
         if cfg.static_enabled:
             self.child = StaticChild(cfg.cache_dir, cfg.static_host, cfg.static_port)
@@ -188,6 +190,14 @@ class Daemon:
         log.info("%s: shutting down (grace %.0fs)", signal.Signals(sig).name, self.config.grace_s)
         if self.child is not None:
             self.child.expect_exit()
+        self._stop.set()
+
+    def _on_fatal(self, err: VallexError) -> None:
+        """The accelerator failed for good (a poisoned CUDA context): stop and exit 1 so that
+        systemd (Restart=on-failure) starts a fresh process; the worker already refuses work."""
+        log.critical("%s: shutting down with exit status 1 for a restart", err.message)
+        sd.notify("STATUS=accelerator failed; exiting for a restart")
+        self._exit_code = 1
         self._stop.set()
 
     async def _rescan(self) -> None:
