@@ -84,6 +84,7 @@ async def test_out_of_memory_is_resource_exhausted_and_next_request_succeeds(
         assert ok["cached"] is False and len(ok["audio"]) > 44
         status = await service.status()
         assert status["model_loaded"] and status["counters"]["engine_failures"] == 1
+        assert status["device_info"]["device"] == "cpu" and status["device_info"]["type"] == "cpu"
     finally:
         await service.drain(1.0)
 

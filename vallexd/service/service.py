@@ -357,6 +357,8 @@ class Service:
             "device": str(engine.device) if engine is not None else self.config.device,
             "dtype": str(engine.dtype) if engine is not None else self.config.dtype,
             "threads": engine.threads if engine is not None else self.config.threads,
+            # GPU name, capability, memory (total; allocated/reserved now), driver; None until loaded.
+            "device_info": getattr(engine, "device_info", None),
             "model_loaded": engine is not None,
             "model_identity": str(engine.identity) if engine is not None else None,
             "queue_depth": self.worker.queue_depth,
