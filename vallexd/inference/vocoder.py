@@ -101,7 +101,7 @@ def vocoder_device(device: torch.device) -> torch.device:
     """Where the vocoder runs for a model on `device`: there too, except MPS -> the CPU.
 
     Vocos's head is an inverse STFT (complex FFT and `fold`), whose MPS support has never been
-    verified here; the vocoder is ~5 % of a request's time, so the CPU costs little on a Mac.
+    verified here; the vocoder is a small share of a request's time, so the CPU costs little.
     """
     return torch.device("cpu") if device.type == "mps" else device
 
