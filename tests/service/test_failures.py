@@ -32,22 +32,26 @@ def engine(tiny_models: Any) -> Any:
 
 
 class FailingStep:
-    """Replaces the AR decoder's step once: records the KV cache weakly, then raises `make()`."""
+    """Replaces the AR decoder's step once: records the KV cache(s) weakly, then raises `make()`.
+
+    The step gets one cache tensor, or a list of them (one per batch row) where requests are batched.
+    """
 
     def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch, make: Any, times: int = 1) -> None:
         self.decoder = engine.model.ar_decoder
         self.real = self.decoder.step
         self.make = make
         self.times = times
-        self.cache: weakref.ref[torch.Tensor] | None = None
+        self.caches: list[weakref.ref[torch.Tensor]] = []
         monkeypatch.setattr(self.decoder, "step", self)
 
-    def __call__(self, x: torch.Tensor, cache: torch.Tensor, pos: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cache: Any, *rest: Any) -> torch.Tensor:
         if self.times > 0:
             self.times -= 1
-            self.cache = weakref.ref(cache)
+            tensors = cache if isinstance(cache, (list, tuple)) else [cache]
+            self.caches = [weakref.ref(t) for t in tensors]
             raise self.make()
-        return self.real(x, cache, pos)
+        return self.real(x, cache, *rest)
 
 
 def cpu_allocator_failure() -> BaseException:
@@ -77,7 +81,7 @@ async def test_out_of_memory_is_resource_exhausted_and_next_request_succeeds(
         assert isinstance(err, Unavailable) and err.http_status == 503
         assert "out of memory on cpu" in err.message
         gc.collect()
-        assert failing.cache is not None and failing.cache() is None, "the failed request's KV cache lives on"
+        assert failing.caches and all(ref() is None for ref in failing.caches), "the KV cache lives on"
         assert service.worker.fatal is None and service.worker.model_loaded
         # The daemon goes on: the same request now succeeds, and nothing was cached for the failure.
         ok = await synth(service, params)

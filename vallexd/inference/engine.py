@@ -96,7 +96,9 @@ class Engine:
             h.update(bytes.fromhex(sha256_file(part)))
         h.update(dtype_name(dt).encode())
         h.update(dev.type.encode())  # CPU and CUDA generators draw differently for the same seed
-        return cls(model, vocoder, dev, dt, h.hexdigest())
+        engine = cls(model, vocoder, dev, dt, h.hexdigest())
+        engine._device_info = describe(dev)  # here, in the model thread: status only reads it
+        return engine
 
     def make_generator(self, sampling: Sampling) -> torch.Generator:
         """A request's own generator: seeded from the request, else from `secrets` (never the global RNG)."""
