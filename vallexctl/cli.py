@@ -142,6 +142,7 @@ def status() -> None:
             ("model", _model_state(result)),
             ("model identity", result.get("model_identity")),
             ("device", f"{result.get('device')} ({result.get('dtype')})"),
+            *_gpu_rows(result.get("device_info")),
             ("queue", f"{result.get('queue_depth')} waiting, {result.get('in_flight')} running, "
                       f"limit {result.get('queue_limit')}"),
             ("cache", f"{cache.get('files', 0)} files, {format_size(int(cache.get('bytes') or 0))}"),
@@ -164,6 +165,18 @@ def _model_state(status: dict[str, Any]) -> str:
     if state_ == "draining":
         return "shutting down"
     return "loaded" if status.get("model_loaded") else "not loaded"
+def _gpu_rows(info: object) -> list[tuple[str, str]]:
+    """status rows for a CUDA device: its name, capability, memory in use, driver."""
+    if not isinstance(info, dict) or info.get("type") != "cuda":
+        return []
+    used = format_size(int(info.get("memory_reserved_bytes") or 0))
+    total = format_size(int(info.get("memory_total_bytes") or 0))
+    return [
+        ("gpu", f"{info.get('name')} (capability {info.get('capability')})"),
+        ("gpu memory", f"{used} reserved of {total}"),
+        ("gpu driver", f"{info.get('driver')} (CUDA {info.get('driver_cuda')}; torch CUDA "
+                       f"{info.get('cuda_runtime')})"),
+    ]
 
 
 # --------------------------------------------------------------------------- cache

@@ -37,6 +37,7 @@ _EXIT_FOR_CODE = {
     ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
     ErrorCode.UNKNOWN_METHOD: EXIT_NOT_FOUND,
     ErrorCode.BUSY: EXIT_BUSY,
+    ErrorCode.RESOURCE_EXHAUSTED: EXIT_BUSY,  # out of (GPU) memory: retry later or with shorter text
 }
 # Reasons whose code would say "usage" but which are not the user's typing.
 _NOT_USAGE_REASONS = {"DIGEST_MISMATCH", "BAD_CATALOGUE", "BAD_MANIFEST", "DOWNLOAD_TOO_LARGE", "BAD_PROMPT"}
@@ -64,6 +65,7 @@ _HINTS: dict[str, str] = {
     "MODEL_NOT_LOADED": "see `vallexctl status` and the daemon log",
     ErrorCode.ALREADY_EXISTS.value: "add --overwrite to replace it",
     ErrorCode.BUSY.value: "retry in a moment",
+    ErrorCode.RESOURCE_EXHAUSTED.value: "retry later or with shorter text",
     ErrorCode.TIMEOUT.value: "try shorter text, or raise the daemon's --request-timeout",
     ErrorCode.INTERNAL.value: "see the daemon log (journalctl -u vallexd, or "
                               "~/.local/state/vallexd/vallexd.log) for the traceback",

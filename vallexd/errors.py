@@ -26,6 +26,7 @@ class ErrorCode(str, Enum):
     PROTOCOL_ERROR = "PROTOCOL_ERROR"  # malformed frame or msgpack, unsupported protocol version
     UNKNOWN_METHOD = "UNKNOWN_METHOD"  # RPC method name not known
     UNAVAILABLE = "UNAVAILABLE"  # the daemon is shutting down or the model is not loaded
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # the device ran out of memory for this request; retry later
     INTERNAL = "INTERNAL"  # a bug or an unexpected failure; details are in the daemon log
 
 
@@ -41,6 +42,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.BUSY: 503,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.RESOURCE_EXHAUSTED: 503,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.INTERNAL: 500,
 }
@@ -150,6 +152,15 @@ class Unavailable(VallexError):
     code = ErrorCode.UNAVAILABLE
 
 
+class ResourceExhausted(Unavailable):
+    """The request needed more (GPU or CPU) memory than was free; nothing was kept, the daemon goes on.
+
+    A kind of `Unavailable` (retry later, or with shorter text) with its own wire code.
+    """
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+
 class Internal(VallexError):
     code = ErrorCode.INTERNAL
 
@@ -158,7 +169,7 @@ _CLASS_FOR_CODE: dict[ErrorCode, type[VallexError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument, NotFound, AlreadyExists, TooLarge, Busy, Timeout, Unauthenticated,
-        PermissionDenied, ProtocolError, UnknownMethod, Unavailable, Internal,
+        PermissionDenied, ProtocolError, UnknownMethod, Unavailable, ResourceExhausted, Internal,
     )
 }
 

@@ -101,6 +101,13 @@ def test_system_service_key_directives() -> None:
     assert one["DevicePolicy"] == "closed"
     allowed = [v.split()[0] for v in d["DeviceAllow"]]
     assert {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia0"} <= set(allowed)
+    # Every GPU node and the MIG capability nodes (/dev/nvidia-caps/*), by device group.
+    assert {"char-nvidia-frontend", "char-nvidia-caps", "char-nvidia-uvm"} <= set(allowed)
+    # nvidia-modprobe runs before the sandbox ("+": as root), tolerated where absent ("-").
+    (pre,) = d["ExecStartPre"]
+    prefix, _, command = pre.partition("/")
+    assert set(prefix) == {"-", "+"} and command.split()[1:] == ["-u", "-c0"]
+    assert command.split()[0].endswith("nvidia-modprobe")
     assert "MemoryDenyWriteExecute" not in d  # torch JITs: see the comment in the unit
     assert one["Requires"] == "vallexd.socket"
 

@@ -13,6 +13,7 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +21,9 @@ import torch
 from vallexd.constants import HOP, MIN_TEMPERATURE, MODEL_LANGUAGES, NUM_QUANTIZERS, SAMPLE_RATE
 from vallexd.errors import Internal, InvalidArgument, Timeout
 from vallexd.inference.checkpoint import load_model
-from vallexd.inference.devices import dtype_name, resolve_device, resolve_dtype
+from vallexd.inference.devices import describe, dtype_name, memory_now, open_device
 from vallexd.inference.model import Cancelled, VallEX, language_ids
-from vallexd.inference.vocoder import Vocoder
+from vallexd.inference.vocoder import Vocoder, vocoder_device
 from vallexd.storage.fsutil import sha256_file
 from vallexd.storage.prompts import LANG_CODES, Prompt, validate_arrays
 from vallexd.types import Sampling
@@ -58,6 +59,7 @@ class Engine:
         self._device = device
         self._dtype = dtype
         self.identity = identity
+        self._device_info: dict[str, Any] | None = None
 
     @property
     def device(self) -> str:
@@ -68,16 +70,22 @@ class Engine:
         return dtype_name(self._dtype)
 
     @property
+    def device_info(self) -> dict[str, Any]:
+        """For `status`: the device's name, capability, memory and driver, plus live CUDA memory."""
+        if self._device_info is None:
+            self._device_info = describe(self._device)
+        return {**self._device_info, **memory_now(self._device), "vocoder_device": str(self.vocoder.device)}
+
+    @property
     def threads(self) -> int:
         """torch's intra-op CPU threads (what --threads set, or torch's default)."""
         return torch.get_num_threads()
 
     @classmethod
     def load(cls, checkpoint: Path, vocos_dir: Path, *, device: str = "auto", dtype: str = "auto") -> Engine:
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
+        dev, dt = open_device(device, dtype)  # resolved, made current, and probed with one kernel
         model = load_model(Path(checkpoint), dev, dt)
-        vocoder = Vocoder.load(Path(vocos_dir), dev)
+        vocoder = Vocoder.load(Path(vocos_dir), vocoder_device(dev))
         # Content digest of everything that shapes the audio: model weights, vocoder, numeric precision.
         h = hashlib.sha256(b"vallexd-engine-v1\0")
         for part in (
@@ -88,7 +96,9 @@ class Engine:
             h.update(bytes.fromhex(sha256_file(part)))
         h.update(dtype_name(dt).encode())
         h.update(dev.type.encode())  # CPU and CUDA generators draw differently for the same seed
-        return cls(model, vocoder, dev, dt, h.hexdigest())
+        engine = cls(model, vocoder, dev, dt, h.hexdigest())
+        engine._device_info = describe(dev)  # here, in the model thread: status only reads it
+        return engine
 
     def make_generator(self, sampling: Sampling) -> torch.Generator:
         """A request's own generator: seeded from the request, else from `secrets` (never the global RNG)."""
@@ -100,6 +110,18 @@ class Engine:
         self, text_ids: Sequence[int], text_language: str | Sequence[str], prompt: Prompt | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validate and build (x (S,), langs (S,), prompt codes (P, 8)) on the model's device."""
+        x, lang_rows, codes = self._validated(text_ids, text_language, prompt)
+        dev = self._device
+        return (
+            torch.tensor(x, dtype=torch.long, device=dev),
+            torch.tensor(lang_rows, dtype=torch.long, device=dev),
+            torch.as_tensor(codes, dtype=torch.long, device=dev),
+        )
+
+    def _validated(
+        self, text_ids: Sequence[int], text_language: str | Sequence[str], prompt: Prompt | None
+    ) -> tuple[list[int], list[int], np.ndarray]:
+        """Check one piece on the host: (ids, language rows, prompt codes (P, 8)); raises InvalidArgument."""
         ids = list(text_ids)
         if not ids:
             raise InvalidArgument("text_ids is empty", reason="EMPTY_TEXT")
@@ -133,9 +155,7 @@ class Engine:
             enroll, codes = [], np.zeros((0, NUM_QUANTIZERS), dtype=np.int64)
             prompt_language = text_language if isinstance(text_language, str) else text_language[0]
         lang_rows = language_ids(len(enroll), prompt_language, text_language, len(ids))
-        dev = self._device
-        x = torch.tensor(enroll + [int(i) for i in ids], dtype=torch.long, device=dev)
-        return x, torch.tensor(lang_rows, dtype=torch.long, device=dev), torch.as_tensor(codes, device=dev)
+        return enroll + [int(i) for i in ids], lang_rows, np.asarray(codes, dtype=np.int64)
 
     def generate_codes(
         self,
@@ -188,9 +208,9 @@ class Engine:
         if not pieces:
             raise InvalidArgument("nothing to synthesize", reason="EMPTY_TEXT")
         _check_sampling(sampling)
-        # Validate every piece before spending time on any of them.
+        # Validate every piece before spending time on any of them (on the host: no device tensors).
         for ids, langs in pieces:
-            self._inputs(ids, langs, prompt)
+            self._validated(ids, langs, prompt)
         gen = self.make_generator(sampling)
         all_codes = []
         for i, (ids, langs) in enumerate(pieces):

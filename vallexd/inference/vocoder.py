@@ -103,6 +103,29 @@ def build_vocos(config: dict[str, Any]) -> Vocos:
     return Vocos(feature_extractor=features, backbone=backbone, head=head)
 
 
+def vocoder_device(device: torch.device) -> torch.device:
+    """Where the vocoder runs for a model on `device`: there too, except MPS -> the CPU.
+
+    Vocos's head is an inverse STFT (complex FFT and `fold`), whose MPS support has never been
+    verified here; the vocoder is a small share of a request's time, so the CPU costs little.
+    """
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def place_for_decoding(vocos: Vocos, device: torch.device) -> None:
+    """Move what decoding codes uses (backbone, head, codebooks) to `device`.
+
+    The feature extractor's EnCodec model (random weights, ~89 MB at the published size) is only
+    there for Vocos's audio->features path, which vallexd never calls: it stays on the CPU.
+    """
+    vocos.backbone.to(device)
+    vocos.head.to(device)
+    features = vocos.feature_extractor
+    features.codebook_weights = torch.nn.Parameter(
+        features.codebook_weights.detach().to(device), requires_grad=False
+    )
+
+
 class Vocoder:
     """codes (T, 8) -> 24 kHz mono float32 audio of T x 320 samples."""
 
@@ -138,7 +161,7 @@ class Vocoder:
         if unexpected:
             raise VocoderError(f"unexpected key {unexpected[0]!r}", path=weights)
         vocos.requires_grad_(False)
-        vocos.eval().to(device)
+        place_for_decoding(vocos.eval(), device)
         return cls(vocos, device)
 
     @torch.inference_mode()

@@ -93,6 +93,7 @@ class Daemon:
         self._group_id: int | None = None
         #: True when SIGTERM came while the model was still loading (its thread is left to exit).
         self.load_abandoned = False
+        self._exit_code = 0
 
     async def run(self) -> int:
         """Start everything, serve until SIGTERM/SIGINT, shut down; returns the exit status."""
@@ -108,7 +109,7 @@ class Daemon:
                 await self._stop.wait()
         finally:
             await self._shutdown()
-        return 0
+        return self._exit_code
 
     # ------------------------------------------------------------------ start
     async def _start(self) -> None:
@@ -242,6 +243,7 @@ class Daemon:
                 raise StartupError(message, exit_code) from None
             raise exc
         log.info("model ready in %.1fs", time.monotonic() - started)
+        self.service.worker.on_fatal = self._on_fatal
         return True
 
     def _ready(self) -> None:
@@ -272,6 +274,14 @@ class Daemon:
         log.info("%s: shutting down (grace %.0fs)", signal.Signals(sig).name, self.config.grace_s)
         if self.child is not None:
             self.child.expect_exit()
+        self._stop.set()
+
+    def _on_fatal(self, err: VallexError) -> None:
+        """The accelerator failed for good (a poisoned CUDA context): stop and exit 1 so that
+        systemd (Restart=on-failure) starts a fresh process; the worker already refuses work."""
+        log.critical("%s: shutting down with exit status 1 for a restart", err.message)
+        sd.notify("STATUS=accelerator failed; exiting for a restart")
+        self._exit_code = 1
         self._stop.set()
 
     async def _rescan(self) -> None:

@@ -370,6 +370,8 @@ class Service:
             "dtype": str(engine.dtype) if engine is not None else self.config.dtype,
             "threads": engine.threads if engine is not None else self.config.threads,
             "state": self.state,
+            # GPU name, capability, memory (total; allocated/reserved now), driver; None until loaded.
+            "device_info": getattr(engine, "device_info", None),
             "model_loaded": engine is not None,
             "model_identity": str(engine.identity) if engine is not None else None,
             "checkpoint": str(self.config.checkpoint) if self.config.checkpoint else None,

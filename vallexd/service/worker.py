@@ -86,6 +86,9 @@ class ModelWorker:
         self.jobs_run = 0
         self.jobs_dropped = 0
         self.jobs_failed = 0
+        #: Set when the accelerator failed for good; `on_fatal` (set by the lifecycle) is then called.
+        self.fatal: VallexError | None = None
+        self.on_fatal: Callable[[VallexError], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -269,6 +272,37 @@ class ModelWorker:
                 loop.call_soon_threadsafe(deliver, done, total)
 
         self.jobs_run += 1
-        audio = self.engine.synthesize(job.pieces, job.prompt, job.sampling, progress=progress,
-                                       should_stop=job.should_stop)
+        try:
+            audio = self.engine.synthesize(job.pieces, job.prompt, job.sampling, progress=progress,
+                                           should_stop=job.should_stop)
+        except VallexError:
+            raise
+        except Exception as exc:
+            err = self._classify(exc)
+            if err is None:
+                raise  # a bug: _dispatch logs the traceback and answers INTERNAL
+            raise err from None
         return np.asarray(audio, dtype=np.float32)
+
+    def _classify(self, exc: Exception) -> VallexError | None:
+        """Model thread: OOM -> ResourceExhausted (memory released); a poisoned accelerator -> fatal."""
+        from vallexd.inference.failures import classify, is_fatal  # torch is loaded by now
+
+        err = classify(exc, str(getattr(self.engine, "device", "")))
+        if err is not None and is_fatal(exc):
+            log.critical("fatal accelerator error: the daemon stops and must be restarted", exc_info=exc)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._on_fatal_error, err)
+        return err
+
+    def _on_fatal_error(self, err: VallexError) -> None:
+        """On the loop: refuse everything from now on, report not-ready, tell the lifecycle."""
+        self.fatal = err
+        self._accepting = False
+        self.engine = None  # model_loaded is False: /health answers 503, status says not loaded
+        for job in list(self._waiting):
+            self._fail(job, err)
+        self._waiting.clear()
+        self._update_idle()
+        if self.on_fatal is not None:
+            self.on_fatal(err)
