@@ -104,7 +104,7 @@ def _wait_ready(socket_path: Path, proc: subprocess.Popen[bytes] | None, log_fil
         if answer is not None and not told and note is not None:
             note(f"vallexctl: vallexd is loading its model (log: {log_file}) ...")
             told = True
-        time.sleep(0.1)
+        time.sleep(0.25 if answer is not None else 0.1)  # each ping is a line in the daemon's log
     raise Unavailable(f"vallexd was not ready within {timeout:.0f} s; see {log_file}",
                       reason="DAEMON_START_TIMEOUT")
 

@@ -162,7 +162,7 @@ class Client:
         return self.call("ping")
 
     def wait_ready(self, timeout: float, *, on_wait: Callable[[], None] | None = None,
-                   poll_s: float = 0.2) -> dict[str, Any]:
+                   poll_s: float = 0.25) -> dict[str, Any]:
         """Wait up to `timeout` seconds until the daemon's model is loaded; returns the last ping.
 
         A daemon listens while it loads the model (ping `state: "loading"`) and refuses
