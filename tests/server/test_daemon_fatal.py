@@ -8,6 +8,9 @@ it after a device-side assert.  An out-of-memory error in the same place is answ
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +53,20 @@ def call(socket_path: Path, params: dict[str, Any]) -> dict[str, Any]:
         return client.request("synthesize", params)[1]
 
 
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, {}
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 async def test_fatal_accelerator_error_exits_1_oom_does_not(
     tmp_path: Path, tiny_models: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = make_config(tmp_path, tiny_models, static_enabled=False, grace_s=2.0)
+    config = make_config(tmp_path, tiny_models, static_enabled=False, grace_s=2.0, http_port=0)
     daemon = Daemon(config)
     task = asyncio.create_task(daemon.run())
     await wait_started(daemon, task)
@@ -64,6 +77,12 @@ async def test_fatal_accelerator_error_exits_1_oom_does_not(
     assert reply["error"]["code"] == "RESOURCE_EXHAUSTED" and reply["error"]["reason"] == "OUT_OF_MEMORY"
     reply = await asyncio.to_thread(call, sock, {"text": "Hi.", "language": "en", "seed": 2})
     assert "result" in reply and not task.done()
+    # Over HTTP the same failure is a 503 with the typed error.
+    assert daemon.http is not None
+    raise_in_ar_step(daemon, monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    status, body = await asyncio.to_thread(post, daemon.http.url + "/v1/synthesize",
+                                           {"text": "Hey.", "language": "en", "seed": 2})
+    assert status == 503 and body["error"]["code"] == "RESOURCE_EXHAUSTED", (status, body)
 
     raise_in_ar_step(daemon, monkeypatch, torch.AcceleratorError("CUDA error: device-side assert triggered"))
     reply = await asyncio.to_thread(call, sock, {"text": "Bye.", "language": "en", "seed": 2})

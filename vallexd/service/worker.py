@@ -289,14 +289,16 @@ class ModelWorker:
         from vallexd.inference.failures import classify, is_fatal  # torch is loaded by now
 
         err = classify(exc, str(getattr(self.engine, "device", "")))
-        if err is not None and is_fatal(exc):
+        if err is not None and is_fatal(exc) and self.fatal is None:
             log.critical("fatal accelerator error: the daemon stops and must be restarted", exc_info=exc)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._on_fatal_error, err)
         return err
 
     def _on_fatal_error(self, err: VallexError) -> None:
-        """On the loop: refuse everything from now on, report not-ready, tell the lifecycle."""
+        """On the loop: refuse everything from now on, report not-ready, tell the lifecycle (once)."""
+        if self.fatal is not None:
+            return
         self.fatal = err
         self._accepting = False
         self.engine = None  # model_loaded is False: /health answers 503, status says not loaded
