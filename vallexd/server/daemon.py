@@ -4,7 +4,7 @@ Start order (each step only after the previous one worked, so clients never reac
 a half-started daemon):
 
     lock <socket>.lock → Service.start() (model load) → static child → listeners
-    → sd_notify READY=1
+    (socket, HTTP, Wyoming) → sd_notify READY=1
 
 Shutdown (SIGTERM/SIGINT): STOPPING=1 → stop accepting → in-flight requests finish
 within config.grace_s → child stopped → socket removed (unless socket-activated:
@@ -28,6 +28,7 @@ from vallexd.config import Config
 from vallexd.errors import VallexError
 from vallexd.server import systemd as sd
 from vallexd.server.http_api import HttpApi, check_http_config
+from vallexd.server.metrics import Metrics
 from vallexd.server.rpc import RpcServer
 from vallexd.server.static_child import StaticChild
 from vallexd.server.unix_socket import (
@@ -59,6 +60,8 @@ class Daemon:
         self.rpc: RpcServer | None = None
         self.http: HttpApi | None = None
         self.child: StaticChild | None = None
+        self.wyoming: Any = None  # server.wyoming.WyomingServer, imported only when configured
+        self.metrics = Metrics()
         self.activated = False
         self._socket_inode: tuple[int, int] | None = None
         self._stop = asyncio.Event()
@@ -92,6 +95,8 @@ class Daemon:
                 check_http_config(cfg.http_host, cfg.http_token)
             except VallexError as exc:
                 raise StartupError(exc.message, exit_code=2) from None
+        if cfg.wyoming_uri is not None:
+            self.wyoming = self._make_wyoming()  # a bad URI fails here, before the model load
         group_id = group_id_of(cfg.socket_group)
         try:
             prepare_socket_dir(cfg.lock_path, group_id)
@@ -118,6 +123,7 @@ class Daemon:
         except VallexError as exc:
             raise StartupError(f"cannot load the model: {exc.message}") from None
         log.info("model ready in %.1fs", time.monotonic() - started)
+        self.metrics.attach(self.service)
 
         if cfg.static_enabled:
             self.child = StaticChild(cfg.cache_dir, cfg.static_host, cfg.static_port)
@@ -129,6 +135,7 @@ class Daemon:
 
         self.rpc = RpcServer(self.service, max_frame=cfg.max_frame_bytes, max_connections=cfg.max_connections,
                              idle_timeout_s=cfg.idle_timeout_s)
+        self.rpc.use_metrics(self.metrics)
         if inherited:
             fd, name = inherited[0]
             if len(inherited) > 1:
@@ -152,6 +159,7 @@ class Daemon:
                 self.http = HttpApi(self.service, host=cfg.http_host, port=cfg.http_port,
                                     token=cfg.http_token, cors_origins=cfg.http_cors_origins,
                                     max_body=cfg.http_max_body)
+                self.http.use_metrics(self.metrics)
                 await self.http.start()
             except VallexError as exc:
                 raise StartupError(str(exc.message), exit_code=2) from None
@@ -159,6 +167,27 @@ class Daemon:
                 raise StartupError(f"cannot listen for HTTP on {cfg.http_host}:{cfg.http_port}: "
                                    f"{exc.strerror or exc}") from None
             self.service.http_url = self.http.url
+        await self._start_wyoming()
+
+    # Wyoming (optional, off by default): built before the model load so a bad --wyoming-uri
+    # fails fast, started last like the HTTP API, drained and closed with the other transports.
+    def _make_wyoming(self) -> Any:
+        from vallexd.server.wyoming import WyomingServer
+
+        cfg = self.config
+        try:
+            return WyomingServer(None, cfg.wyoming_uri or "", allow_remote=cfg.wyoming_allow_remote,
+                                 max_event_bytes=cfg.max_frame_bytes, socket_mode=cfg.socket_mode,
+                                 group_id=group_id_of(cfg.socket_group))
+        except VallexError as exc:
+            raise StartupError(exc.message, exit_code=2) from None
+
+    async def _start_wyoming(self) -> None:
+        if self.wyoming is None:
+            return
+        self.wyoming.service = self.service
+        self.wyoming.use_metrics(self.metrics)
+        await self.wyoming.start()
 
     def _ready(self) -> None:
         where = "socket-activated fd" if self.activated else str(self.config.socket_path)
@@ -167,6 +196,8 @@ class Daemon:
             parts.append(f"static {self.child.base_url}")
         if self.http is not None:
             parts.append(f"http {self.http.url}")
+        if self.wyoming is not None:
+            parts.append(f"wyoming {self.wyoming.url}")
         status = "; ".join(parts)
         log.info("ready: %s", status)
         sd.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
@@ -205,7 +236,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ stop
     async def _shutdown(self, *, quiet: bool = False) -> None:
-        if self.rpc is not None or self.http is not None:
+        if self.rpc is not None or self.http is not None or self.wyoming is not None:
             sd.notify("STOPPING=1", "STATUS=draining in-flight requests")
         for task in list(self._tasks):
             task.cancel()
@@ -217,7 +248,9 @@ class Daemon:
             self.rpc.stop_accepting()
         if self.http is not None:
             self.http.stop_accepting()
-        transports = [t for t in (self.rpc, self.http) if t is not None]
+        if self.wyoming is not None:
+            self.wyoming.stop_accepting()
+        transports = [t for t in (self.rpc, self.http, self.wyoming) if t is not None]
         if transports:
             await self._within_grace(*(t.wait_idle(self.config.grace_s) for t in transports))
         if self.service is not None:
@@ -226,6 +259,8 @@ class Daemon:
             await self.rpc.close()
         if self.http is not None:
             await self.http.stop()
+        if self.wyoming is not None:
+            await self.wyoming.close()
         if self.child is not None:
             await self.child.stop()
         self._remove_socket()

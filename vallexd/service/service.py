@@ -144,6 +144,16 @@ class Service:
         #: Metrics hook: called with each successful synthesize call's SynthesisRecord.
         self.on_record: Callable[[SynthesisRecord], None] | None = None
 
+    @property
+    def active(self) -> int:
+        """Synthesis requests in progress, in any stage."""
+        return self._active
+
+    @property
+    def coalesced(self) -> int:
+        """Cache misses that joined an identical request's model run."""
+        return self._coalescer.joined
+
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Index presets and load the model; raises Unavailable(MODEL_LOAD_FAILED) if it cannot."""
