@@ -245,8 +245,8 @@ class Service:
                 data, path, seconds = hit
                 if on_audio is not None:
                     samples = await asyncio.to_thread(_decode_wav, data if data is not None else path)
-                    record.first_audio_s = time.monotonic() - started
                     on_audio(samples)
+                record.first_audio_s = time.monotonic() - started
                 return self._result(key, data, path, seconds, cached=True, pieces=0, started=started)
 
         self.counters["cache_misses"] += 1
