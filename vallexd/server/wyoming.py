@@ -257,8 +257,8 @@ class _Handler(AsyncEventHandler):
                 return True  # the full text a streaming client also sends, for servers without streaming
             request = Synthesize.from_event(event)
             utterance = _Utterance(self, self.server.params(request.voice), "synthesize")
-            utterance.finish(request.text)  # one request: the service splits long text itself
-            self._start(utterance)
+            if self._start(utterance):
+                utterance.finish(request.text)  # one request: the service splits long text itself
             return True
         if SynthesizeStart.is_type(event.type):
             start = SynthesizeStart.from_event(event)
@@ -276,7 +276,8 @@ class _Handler(AsyncEventHandler):
             return True
         return True  # other events (ping, select-program, ...): not ours, ignored as the protocol says
 
-    def _start(self, utterance: _Utterance) -> None:
+    def _start(self, utterance: _Utterance) -> bool:
+        """Speak `utterance` after the ones before it; False (and an error event) when draining."""
         self._utterances.add(utterance)
         if self.server.gate.draining:
             error = Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
@@ -284,7 +285,8 @@ class _Handler(AsyncEventHandler):
             task = asyncio.get_running_loop().create_task(
                 self.write_event(Error(text=error.message, code=error.code.value).event()))
             self._keep(task)
-            return
+            self._utterances.discard(utterance)
+            return False
         previous = self._last
 
         async def run() -> None:
@@ -298,6 +300,7 @@ class _Handler(AsyncEventHandler):
         task.add_done_callback(lambda _: self._utterances.discard(utterance))
         self._last = task
         self._keep(task)
+        return True
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
