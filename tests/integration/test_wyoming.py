@@ -169,3 +169,18 @@ def test_refuses_remote_without_flag(daemon_factory: Any, tmp_path: Any, tiny_mo
     d = start_daemon(tmp_path / "d", tiny_models, ["--wyoming-uri", "tcp://0.0.0.0:0"], wait=False)
     assert d.wait(60) == 2
     assert "wyoming-allow-remote" in d.log_text()
+
+
+async def test_unix_socket_uri(tmp_path: Any, tiny_models: Any) -> None:
+    from daemon_harness import start_daemon
+
+    path = tmp_path / "wyoming.sock"
+    d = start_daemon(tmp_path / "d", tiny_models, ["--wyoming-uri", f"unix://{path}", "--threads", "1"])
+    try:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o660)
+        async with AsyncClient.from_uri(f"unix://{path}") as client:
+            await client.write_event(Describe().event())
+            assert (await read_until(client, ("info",)))[-1].type == "info"
+    finally:
+        assert d.stop() == 0
+    assert not path.exists()  # removed at exit
