@@ -135,6 +135,19 @@ async def test_unknown_voice_is_an_error_event(daemon: DaemonProcess) -> None:
         assert (await read_until(client, ("info",)))[-1].type == "info"
 
 
+async def test_client_hanging_up_cancels_its_synthesis(daemon: DaemonProcess) -> None:
+    errors = daemon.call("status")["counters"]["errors"]
+    async with AsyncClient.from_uri(wyoming_uri(daemon)) as client:
+        await client.write_event(Synthesize(text="A sentence nobody will ever hear, spoken for nobody.",
+                                            voice=SynthesizeVoice(name="Ann")).event())
+    # EOF: the request is cancelled (counted as an error of the service), the utterance logged so.
+    daemon.wait_log(r"wyoming synthesize \d+ms error=TIMEOUT/CANCELLED", timeout=60)
+    deadline = asyncio.get_running_loop().time() + 60
+    while daemon.call("status")["counters"]["errors"] == errors:
+        assert asyncio.get_running_loop().time() < deadline, "the service request was not cancelled"
+        await asyncio.sleep(0.1)
+
+
 async def test_oversized_event_closes_the_connection(daemon: DaemonProcess) -> None:
     async with AsyncClient.from_uri(wyoming_uri(daemon)) as client:
         assert client._writer is not None
