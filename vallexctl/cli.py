@@ -150,6 +150,7 @@ def status() -> None:
             ("static url", result.get("static_url") or "off"),
             ("http url", result.get("http_url") or "off"),
             ("socket", state().socket_path),
+            *_metrics_rows(result),
         ]
         for key, value in rows:
             click.echo(f"{key + ':':16}{value}")
@@ -165,6 +166,8 @@ def _model_state(status: dict[str, Any]) -> str:
     if state_ == "draining":
         return "shutting down"
     return "loaded" if status.get("model_loaded") else "not loaded"
+
+
 def _gpu_rows(info: object) -> list[tuple[str, str]]:
     """status rows for a CUDA device: its name, capability, memory in use, driver."""
     if not isinstance(info, dict) or info.get("type") != "cuda":
@@ -176,6 +179,33 @@ def _gpu_rows(info: object) -> list[tuple[str, str]]:
         ("gpu memory", f"{used} reserved of {total}"),
         ("gpu driver", f"{info.get('driver')} (CUDA {info.get('driver_cuda')}; torch CUDA "
                        f"{info.get('cuda_runtime')})"),
+    ]
+
+
+def _metrics_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The main figures of the daemon's metrics (the full set is at GET /metrics)."""
+    m = result.get("metrics")
+    if not isinstance(m, dict):
+        return []
+    counters = result.get("counters") or {}
+    hits, misses = int(counters.get("cache_hits") or 0), int(counters.get("cache_misses") or 0)
+    requests = m.get("requests") or {}
+
+    def seconds(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.2f} s"
+
+    by_transport = ", ".join(f"{k} {v}" for k, v in sorted(requests.items())) or "0"
+    ratio = f" ({hits / (hits + misses):.0%})" if hits + misses else ""
+    return [
+        ("requests", f"{by_transport} ({m.get('errors', 0)} errors)"),
+        ("cache hits", f"{hits} of {hits + misses}{ratio}, {counters.get('coalesced', 0)} shared a run"),
+        ("first audio", f"{seconds(m.get('time_to_first_audio_s'))} mean; synthesis "
+                        f"{seconds(m.get('synthesis_s'))} mean"),
+        ("real time", "-" if m.get("real_time_factor") is None else f"{m['real_time_factor']:.2f}x "
+                      "(work per second of audio)"),
+        ("AR steps", f"{m.get('ar_steps', 0)} ({m.get('ar_steps_per_busy_s') or '-'}/s busy, "
+                     f"mean batch {m.get('mean_batch_size') or '-'})"),
+        ("model load", seconds(m.get("model_load_s"))),
     ]
 
 

@@ -186,7 +186,8 @@ class Option:
     field: str  # Config field it sets
     parse: Callable[[Any], Any]
     help: str
-    kind: str = "value"  # "value", "path", "paths" (repeatable flag), "list" (repeatable), "off" (--no-x)
+    # "value", "path", "paths" (repeatable flag), "list" (repeatable), "off" (--no-x), "on" (--x)
+    kind: str = "value"
     flag: str | None = None
     metavar: str | None = None
 
@@ -255,6 +256,11 @@ OPTIONS: tuple[Option, ...] = (
            metavar="BYTES"),
     Option("long_budget", "long_budget", _optional(_positive_int),
            "phoneme budget of one piece when long text is split", metavar="N"),
+    Option("wyoming_uri", "wyoming_uri", _optional(_string),
+           "serve the Wyoming protocol (Home Assistant) at tcp://HOST:PORT or unix://PATH; off when unset",
+           metavar="URI"),
+    Option("wyoming_allow_remote", "wyoming_allow_remote", _bool,
+           "let --wyoming-uri listen on a non-loopback address (Wyoming has no authentication)", "on"),
 )
 _BY_KEY = {opt.key: opt for opt in OPTIONS}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -263,7 +269,7 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 def _help(opt: Option) -> str:
     """The option's help plus its built-in default (paths depend on the environment: see epilog)."""
     default = _FIELD_DEFAULTS.get(opt.field, dataclasses.MISSING)
-    if default is dataclasses.MISSING or opt.kind == "off" or opt.field == "socket_mode":
+    if default is dataclasses.MISSING or opt.kind in ("off", "on") or opt.field == "socket_mode":
         return opt.help
     if default is None or default == ():
         return opt.help + " (default: unset)"
@@ -289,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML configuration file (also VALLEXD_CONFIG)")
     for opt in OPTIONS:
-        if opt.kind == "off":
-            parser.add_argument(opt.flag_name, dest=opt.key, action="store_const", const="false",
+        if opt.kind in ("off", "on"):
+            parser.add_argument(opt.flag_name, dest=opt.key, action="store_const",
+                                const="false" if opt.kind == "off" else "true",
                                 default=argparse.SUPPRESS, help=_help(opt))
         elif opt.kind in ("paths", "list"):
             parser.add_argument(opt.flag_name, dest=opt.key, action="append", metavar=opt.metavar,

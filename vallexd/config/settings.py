@@ -52,6 +52,8 @@ class Config:
     # Extras beyond the architecture contract:
     max_upload_bytes: int = 4 * 1024 * 1024  # a 15 s prompt is ~75 KB; this leaves ample room
     long_budget: int | None = None  # phoneme budget per piece for long text; None = front-end default
+    wyoming_uri: str | None = None  # tcp://HOST:PORT or unix://PATH; None = no Wyoming server
+    wyoming_allow_remote: bool = False  # Wyoming has no auth: a non-loopback address needs this
 
     @property
     def presets_install_dir(self) -> Path:

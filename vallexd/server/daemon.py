@@ -3,7 +3,7 @@
 Start order (each step only after the previous one worked):
 
     config check → lock <socket>.lock → Service → static child → socket (and HTTP) listen
-    → model load → sd_notify READY=1
+    → model load → Wyoming listen → sd_notify READY=1
 
 The socket listens before the model loads (seconds for the real checkpoint): `ping` and
 `status` answer at once with `state: "loading"`, and `synthesize` is refused with
@@ -32,6 +32,7 @@ from vallexd.config import Config
 from vallexd.errors import ErrorCode, VallexError
 from vallexd.server import systemd as sd
 from vallexd.server.http_api import HttpApi, check_http_config
+from vallexd.server.metrics import Metrics
 from vallexd.server.rpc import RpcServer
 from vallexd.server.static_child import StaticChild
 from vallexd.server.unix_socket import (
@@ -84,6 +85,8 @@ class Daemon:
         self.rpc: RpcServer | None = None
         self.http: HttpApi | None = None
         self.child: StaticChild | None = None
+        self.wyoming: Any = None  # server.wyoming.WyomingServer, imported only when configured
+        self.metrics = Metrics()
         self.activated = False
         self._socket_inode: tuple[int, int] | None = None
         self._stop = asyncio.Event()
@@ -130,6 +133,8 @@ class Daemon:
                 check_http_config(cfg.http_host, cfg.http_token)
             except VallexError as exc:
                 raise StartupError(exc.message, exit_code=2) from None
+        if cfg.wyoming_uri is not None:
+            self.wyoming = self._make_wyoming()  # a bad URI fails here, before the model load
 
     def _take_lock(self) -> None:
         """The socket folder, the instance lock, and (unless activated) a socket path we may replace."""
@@ -176,6 +181,7 @@ class Daemon:
         cfg = self.config
         self.rpc = RpcServer(self.service, max_frame=cfg.max_frame_bytes, max_connections=cfg.max_connections,
                              idle_timeout_s=cfg.idle_timeout_s)
+        self.rpc.use_metrics(self.metrics)
         if self._inherited:
             fd, name = self._inherited[0]
             if len(self._inherited) > 1:
@@ -204,6 +210,7 @@ class Daemon:
             self.http = HttpApi(self.service, host=cfg.http_host, port=cfg.http_port,
                                 token=cfg.http_token, cors_origins=cfg.http_cors_origins,
                                 max_body=cfg.http_max_body)
+            self.http.use_metrics(self.metrics)
             await self.http.start()
         except VallexError as exc:
             raise StartupError(str(exc.message), exit_code=2) from None
@@ -244,7 +251,29 @@ class Daemon:
             raise exc
         log.info("model ready in %.1fs", time.monotonic() - started)
         self.service.worker.on_fatal = self._on_fatal
+        self.metrics.attach(self.service)
+        await self._start_wyoming()
         return True
+
+    # Wyoming (optional, off by default): built before the model load so a bad --wyoming-uri
+    # fails fast, started once the model is in, drained and closed with the other transports.
+    def _make_wyoming(self) -> Any:
+        from vallexd.server.wyoming import WyomingServer
+
+        cfg = self.config
+        try:
+            return WyomingServer(None, cfg.wyoming_uri or "", allow_remote=cfg.wyoming_allow_remote,
+                                 max_event_bytes=cfg.max_frame_bytes, socket_mode=cfg.socket_mode,
+                                 group_id=group_id_of(cfg.socket_group))
+        except VallexError as exc:
+            raise StartupError(exc.message, exit_code=2) from None
+
+    async def _start_wyoming(self) -> None:
+        if self.wyoming is None:
+            return
+        self.wyoming.service = self.service
+        self.wyoming.use_metrics(self.metrics)
+        await self.wyoming.start()
 
     def _ready(self) -> None:
         where = "socket-activated fd" if self.activated else str(self.config.socket_path)
@@ -253,6 +282,8 @@ class Daemon:
             parts.append(f"static {self.child.base_url}")
         if self.http is not None:
             parts.append(f"http {self.http.url}")
+        if self.wyoming is not None:
+            parts.append(f"wyoming {self.wyoming.url}")
         status = "; ".join(parts)
         log.info("ready: %s", status)
         sd.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
@@ -299,7 +330,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ stop
     async def _shutdown(self, *, quiet: bool = False) -> None:
-        if self.rpc is not None or self.http is not None:
+        if self.rpc is not None or self.http is not None or self.wyoming is not None:
             sd.notify("STOPPING=1", "STATUS=draining in-flight requests")
         for task in list(self._tasks):
             task.cancel()
@@ -311,7 +342,9 @@ class Daemon:
             self.rpc.stop_accepting()
         if self.http is not None:
             self.http.stop_accepting()
-        transports = [t for t in (self.rpc, self.http) if t is not None]
+        if self.wyoming is not None:
+            self.wyoming.stop_accepting()
+        transports = [t for t in (self.rpc, self.http, self.wyoming) if t is not None]
         if transports:
             await self._within_grace(*(t.wait_idle(self.config.grace_s) for t in transports))
         if self.service is not None:
@@ -320,6 +353,8 @@ class Daemon:
             await self.rpc.close()
         if self.http is not None:
             await self.http.stop()
+        if self.wyoming is not None:
+            await self.wyoming.close()
         if self.child is not None:
             await self.child.stop()
         self._remove_socket()

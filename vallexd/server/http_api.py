@@ -42,6 +42,8 @@ from vallexd.errors import (
     Unavailable,
     VallexError,
 )
+from vallexd.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vallexd.server.metrics import Metrics
 from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
 from vallexd.service.result import SynthesisResult
 
@@ -135,9 +137,18 @@ class HttpApi:
             web.get("/health", self.health),
             web.get("/presets", self.presets),
             web.get("/status", self.status),
+            web.get("/metrics", self.metrics_route),
         ])
         self._runner: web.AppRunner | None = None
         self.gate = DrainGate()
+        self.metrics: Metrics | None = None
+
+    def use_metrics(self, metrics: Metrics) -> None:
+        """Serve `metrics` at /metrics and count every request ("METHOD /route"; others "other")."""
+        routes = {f"{r.method} {r.resource.canonical}" for r in self.app.router.routes()
+                  if r.resource is not None and r.method != "HEAD"}
+        metrics.allow("http", routes)
+        self.metrics = metrics
 
     @property
     def url(self) -> str:
@@ -188,6 +199,9 @@ class HttpApi:
         with self.gate.track():
             response, err = await self._guarded(request, handler, started)
         self._cors(request, response)
+        if self.metrics is not None:
+            route = request.match_info.route.resource
+            self.metrics.request("http", f"{request.method} {route.canonical if route else '-'}", err)
         access_log.info(
             "http %s %s peer %s %d %.0fms cached=%s %s",
             request.method, log_safe(request.path, 100), request.remote,
@@ -325,6 +339,13 @@ class HttpApi:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(await self.service.status())
+
+    async def metrics_route(self, request: web.Request) -> web.Response:
+        """Prometheus text format; same Host/Origin/token rules as every route (send the token)."""
+        if self.metrics is None:
+            raise NotFound("metrics are not enabled", reason="NO_ROUTE")
+        body = await asyncio.to_thread(self.metrics.exposition)  # may walk the cache folder
+        return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def _result_headers(result: SynthesisResult) -> dict[str, str]:

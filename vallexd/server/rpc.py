@@ -23,6 +23,7 @@ from typing import Any
 from vallexd import __version__
 from vallexd import protocol as proto
 from vallexd.errors import Busy, InvalidArgument, Unavailable, UnknownMethod, VallexError
+from vallexd.server.metrics import Metrics
 from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
 
 log = logging.getLogger("vallexd.server.rpc")
@@ -87,6 +88,7 @@ class RpcServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._busy: set[asyncio.Task[None]] = set()  # connections with a request running
         self.gate = DrainGate()
+        self.metrics: Metrics | None = None
         self._methods: dict[str, Handler] = {
             "ping": self._ping,
             "status": self._status,
@@ -97,6 +99,11 @@ class RpcServer:
             "cache.stats": self._cache_stats,
             "cache.prune": lambda r: self.service.cache_prune(r.params),
         }
+
+    def use_metrics(self, metrics: Metrics) -> None:
+        """Count every request in `metrics` (method names: this server's methods, else "other")."""
+        metrics.allow("rpc", self._methods)
+        self.metrics = metrics
 
     # ------------------------------------------------------------------ methods
     async def _ping(self, req: _Request) -> dict[str, Any]:
@@ -110,6 +117,8 @@ class RpcServer:
         # Transport-level view (the service only sees work that reached it): open connections
         # and requests being handled right now, not counting this status request.
         result["rpc"] = {"connections": len(self._connections), "in_flight": self.gate.in_flight - 1}
+        if self.metrics is not None:
+            result["metrics"] = self.metrics.summary()
         return result
 
     async def _presets_list(self, req: _Request) -> dict[str, Any]:
@@ -293,6 +302,8 @@ class RpcServer:
         except (asyncio.TimeoutError, ConnectionError, OSError):
             # A client that stops reading would make us buffer every further response: hang up.
             writer.close()
+        if self.metrics is not None:
+            self.metrics.request("rpc", method, error)
         cached = result.get("cached") if isinstance(result, dict) else None
         access_log.info(
             "rpc id=%s method=%s peer %s %.0fms cached=%s %s",

@@ -23,6 +23,7 @@ import time
 import wave
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from vallexd.config import Config
 from vallexd.constants import SAMPLE_RATE
 from vallexd.errors import Busy, InvalidArgument, Timeout, Unavailable, VallexError
 from vallexd.protocol import PROTOCOL_VERSION
+from vallexd.service.coalesce import Coalescer, Run
 from vallexd.service.requests import (
     SynthesisRequest,
     validate_empty,
@@ -45,7 +47,7 @@ from vallexd.service.result import SynthesisResult
 from vallexd.service.worker import ModelWorker, default_loader
 from vallexd.storage.cache import ResultCache, cache_key, relative_url_path
 from vallexd.storage.presets import Preset, PresetStore
-from vallexd.storage.wav import duration_s, wav_bytes, wav_duration_s
+from vallexd.storage.wav import duration_s, read_pcm16, wav_bytes, wav_duration_s
 from vallexd.types import Piece, Sampling
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,46 @@ log = logging.getLogger(__name__)
 #: progress(done, total), called on the event loop as pieces finish; a plain function
 #: (it must not block) or one returning an awaitable (awaited before the result is returned).
 ProgressCallback = Callable[[int, int], Any]
+#: on_audio(samples): float32 mono audio at the result's sample rate, on the event loop, in order.
+AudioCallback = Callable[[np.ndarray], None]
+
+
+@dataclass
+class SynthesisRecord:
+    """What one successful synthesize call did, for metrics (seconds; `started` is monotonic).
+
+    first_audio_s: until the first audio reached the caller (None if no audio was delivered);
+    model_s: text front end + queue + model of the run this request started (None for a cache
+    hit or a request that joined another's run).
+    """
+
+    started: float
+    cached: bool = False
+    coalesced: bool = False
+    total_s: float = 0.0
+    first_audio_s: float | None = None
+    model_s: float | None = None
+    audio_s: float = 0.0
+
+
+@dataclass
+class _Made:
+    """The shared outcome of one model run (see `Service._produce`)."""
+
+    data: bytes
+    path: Path | None
+    store_error: VallexError | None
+    seconds: float
+    pieces: int
+    owner: SynthesisRecord  # the request that began the run
+    work_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _decode_wav(source: bytes | Path) -> np.ndarray:
+    """Blocking: a cached mono 16-bit WAV as float32 samples in [-1, 1]."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return read_pcm16(data).astype(np.float32) / 32767.0
 
 
 def _warm_text() -> None:
@@ -99,7 +141,20 @@ class Service:
         self._quiet = asyncio.Event()  # set whenever _active drops to 0
         self._preparing = 0  # cache misses admitted but not yet handed to the worker (text stage)
         self._started_at = time.monotonic()
-        self.counters = {"synthesize": 0, "cache_hits": 0, "errors": 0}
+        self.counters = {"synthesize": 0, "cache_hits": 0, "cache_misses": 0, "errors": 0}
+        self._coalescer: Coalescer[_Made] = Coalescer()
+        #: Metrics hook: called with each successful synthesize call's SynthesisRecord.
+        self.on_record: Callable[[SynthesisRecord], None] | None = None
+
+    @property
+    def active(self) -> int:
+        """Synthesis requests in progress, in any stage."""
+        return self._active
+
+    @property
+    def coalesced(self) -> int:
+        """Cache misses that joined an identical request's model run."""
+        return self._coalescer.joined
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -149,20 +204,25 @@ class Service:
         *,
         progress: ProgressCallback | None = None,
         cancelled: asyncio.Event | None = None,
+        on_audio: AudioCallback | None = None,
     ) -> SynthesisResult:
         """Validate `params` (docs/protocol.md), then answer from the cache or run the model.
 
         progress(done, total) is called on the loop as pieces finish when `params["progress"]`
         is true; setting `cancelled` drops the job if queued, or stops it at the next AR step.
+        on_audio(samples) receives the audio as it is made (float32 mono at `sample_rate`, on
+        the loop, in order, all of it before this returns); on a cache hit it is called once
+        with the decoded cached audio.  Concurrent misses with the same cache key share one
+        model run (see coalesce.py).
         Raises VallexError: InvalidArgument / NotFound / TooLarge for the request, Busy
         (QUEUE_FULL), Timeout (DEADLINE, CANCELLED), Unavailable (draining, model not loaded,
         cache not writable for `return: path`).
         """
-        started = time.monotonic()
+        record = SynthesisRecord(started=time.monotonic())
         self.counters["synthesize"] += 1
         self._active += 1
         try:
-            return await self._synthesize(params, started, progress, cancelled)
+            result = await self._synthesize(params, record, progress, cancelled, on_audio)
         except Exception:  # VallexError or a bug (the transport turns the latter into INTERNAL)
             self.counters["errors"] += 1
             raise
@@ -170,9 +230,18 @@ class Service:
             self._active -= 1
             if not self._active:
                 self._quiet.set()
+        record.total_s = time.monotonic() - record.started
+        record.audio_s = result.duration_s
+        if self.on_record is not None:
+            try:
+                self.on_record(record)
+            except Exception:  # metrics must never fail a request
+                log.exception("on_record hook failed")
+        return result
 
-    async def _synthesize(self, params: Any, started: float, progress: ProgressCallback | None,
-                          cancelled: asyncio.Event | None) -> SynthesisResult:
+    async def _synthesize(self, params: Any, record: SynthesisRecord, progress: ProgressCallback | None,
+                          cancelled: asyncio.Event | None, on_audio: AudioCallback | None) -> SynthesisResult:
+        started = record.started
         self._check_accepting()
         _raise_if_cancelled(cancelled)
         req = validate_synthesize(params, max_text_chars=self.config.max_text_chars)
@@ -183,20 +252,66 @@ class Service:
             hit = await asyncio.to_thread(self._read_hit, key, want_audio)
             if hit is not None:
                 self.counters["cache_hits"] += 1
+                record.cached = True
                 data, path, seconds = hit
+                if on_audio is not None:
+                    samples = await asyncio.to_thread(_decode_wav, data if data is not None else path)
+                    on_audio(samples)
+                record.first_audio_s = time.monotonic() - started
                 return self._result(key, data, path, seconds, cached=True, pieces=0, started=started)
 
-        pieces = await self._prepare(req, started, cancelled)
+        self.counters["cache_misses"] += 1
+
+        def deliver(samples: np.ndarray) -> None:
+            if record.first_audio_s is None:
+                record.first_audio_s = time.monotonic() - started
+            if on_audio is not None:
+                on_audio(samples)
+
+        pending: list[asyncio.Future[Any]] = []
+        made = await self._coalescer.run(
+            key, lambda run: self._produce(req, preset, key, record, run), cancelled=cancelled,
+            on_audio=deliver, progress=self._reporter(req, progress, pending))
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        record.coalesced = made.owner is not record
+        record.model_s = None if record.coalesced else made.work_s
+        if made.path is None and not want_audio:
+            assert made.store_error is not None
+            raise made.store_error
+        result = self._result(key, made.data if want_audio else None, made.path, made.seconds,
+                              cached=False, pieces=made.pieces, started=started)
+        result.timings.update(made.timings)
+        return result
+
+    @staticmethod
+    def _reporter(req: SynthesisRequest, progress: ProgressCallback | None,
+                  pending: list[asyncio.Future[Any]]) -> Callable[[int, int], None] | None:
+        """This request's progress callback; awaitables it returns are collected in `pending`."""
+        if not (req.progress and progress is not None):
+            return None
+
+        def report(done: int, total: int) -> None:
+            outcome = progress(done, total)
+            if inspect.isawaitable(outcome):
+                pending.append(asyncio.ensure_future(outcome))
+
+        return report
+
+    async def _produce(self, req: SynthesisRequest, preset: Preset | None, key: str, owner: SynthesisRecord,
+                       run: Run) -> _Made:
+        """The model part of a miss, shared by every identical request that comes meanwhile."""
+        started = owner.started
+        pieces = await self._prepare(req, started, run.cancelled)
         text_done = time.monotonic()
-        audio = await self._run_model(req, preset, pieces, started, progress, cancelled)
+        audio = await self._run_model(preset, pieces, req, started, run)
         model_done = time.monotonic()
         rate = self._sample_rate()
         data = await asyncio.to_thread(wav_bytes, audio, rate)
-        path = await self._store(key, data, want_audio)
-        result = self._result(key, data if want_audio else None, path, duration_s(len(audio), rate),
-                              cached=False, pieces=len(pieces), started=started)
-        result.timings.update(text_ms=_ms(text_done - started), model_ms=_ms(model_done - text_done))
-        return result
+        path, store_error = await self._store(key, data)
+        return _Made(data=data, path=path, store_error=store_error, seconds=duration_s(len(audio), rate),
+                     pieces=len(pieces), owner=owner, work_s=model_done - started,
+                     timings={"text_ms": _ms(text_done - started), "model_ms": _ms(model_done - text_done)})
 
     def _cache_key(self, req: SynthesisRequest, preset: Preset | None) -> str:
         return cache_key(
@@ -227,43 +342,33 @@ class Service:
         _raise_if_cancelled(cancelled)
         return pieces
 
-    async def _run_model(self, req: SynthesisRequest, preset: Preset | None, pieces: list[Piece],
-                         started: float, progress: ProgressCallback | None,
-                         cancelled: asyncio.Event | None) -> np.ndarray:
-        """Queue the pieces on the worker; progress events go out before this returns."""
-        pending: list[asyncio.Future[Any]] = []
-        report = None
-        if req.progress and progress is not None:
-            def report(done: int, total: int) -> None:
-                outcome = progress(done, total)
-                if inspect.isawaitable(outcome):
-                    pending.append(asyncio.ensure_future(outcome))
-
+    async def _run_model(self, preset: Preset | None, pieces: list[Piece], req: SynthesisRequest,
+                         started: float, run: Run) -> np.ndarray:
+        """Queue the pieces on the worker; audio and progress go to every waiter of `run`."""
         remaining = self.config.request_timeout_s - (time.monotonic() - started)
         if remaining <= 0:
             raise self._deadline_error()
-        audio = await self.worker.run(
+        return await self.worker.run(
             pieces, preset.prompt if preset is not None else None,
             Sampling(top_k=req.top_k, temperature=req.temperature, seed=req.seed),
-            timeout_s=remaining, progress=report, cancelled=cancelled,
+            timeout_s=remaining, progress=run.emit_progress, cancelled=run.cancelled,
+            on_audio=run.emit_audio,
         )
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        return audio
 
-    async def _store(self, key: str, data: bytes, want_audio: bool) -> Path | None:
-        """Write the WAV into the cache. A full or read-only cache must not throw away audio the
-        client asked to receive: then the result has no path; for `return: path` it is an error."""
+    async def _store(self, key: str, data: bytes) -> tuple[Path | None, VallexError | None]:
+        """Write the WAV into the cache: (path, None), or (None, the error) when it cannot.
+
+        A full or read-only cache must not throw away audio a client asked to receive: such a
+        request gets its bytes without a path; for `return: path` the error is raised.
+        """
         try:
-            return await asyncio.to_thread(self.cache.put, key, data)
+            return await asyncio.to_thread(self.cache.put, key, data), None
         except (OSError, VallexError) as exc:
             log.warning("cache: cannot store %s: %s", key[:12], exc)
-            if want_audio:
-                return None
             if isinstance(exc, VallexError):
-                raise
-            raise Unavailable(f"cannot write the result to the cache: {exc.strerror or exc}",
-                              reason="CACHE_WRITE_FAILED") from None
+                return None, exc
+            return None, Unavailable(f"cannot write the result to the cache: {exc.strerror or exc}",
+                                     reason="CACHE_WRITE_FAILED")
 
     def _deadline_error(self) -> Timeout:
         timeout_s = self.config.request_timeout_s
@@ -385,7 +490,7 @@ class Service:
             "http_url": self.http_url,
             "pid": os.getpid(),
             "counters": {**self.counters, "engine_runs": self.worker.jobs_run,
-                         "engine_failures": self.worker.jobs_failed},
+                         "engine_failures": self.worker.jobs_failed, "coalesced": self._coalescer.joined},
         }
 
     # ------------------------------------------------------------------ presets

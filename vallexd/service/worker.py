@@ -37,6 +37,10 @@ from vallexd.types import Piece, Sampling
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+#: on_audio(samples): float32 mono audio at the engine's rate, called on the event loop, in order.
+AudioFn = Callable[[np.ndarray], None]
+#: on_step(batch_size): called from the MODEL THREAD once per AR step; must be cheap and thread-safe.
+StepFn = Callable[[int], None]
 
 
 @dataclass(eq=False)
@@ -47,6 +51,7 @@ class Job:
     deadline: float  # time.monotonic() value
     future: asyncio.Future[np.ndarray]
     progress: ProgressFn | None = None
+    on_audio: AudioFn | None = None
     abandon: threading.Event = field(default_factory=threading.Event)
 
     def should_stop(self) -> bool:
@@ -89,6 +94,12 @@ class ModelWorker:
         #: Set when the accelerator failed for good; `on_fatal` (set by the lifecycle) is then called.
         self.fatal: VallexError | None = None
         self.on_fatal: Callable[[VallexError], None] | None = None
+        #: Seconds the model load took, and seconds the model thread spent on jobs (for metrics).
+        self.load_s: float | None = None
+        self.busy_s = 0.0
+        #: Metrics hook, see StepFn. Until the batching worker lands, one call per `should_stop`
+        #: poll with batch size 1: one per AR step plus one per NAR stage (7 per piece).
+        self.on_step: StepFn | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -125,7 +136,8 @@ class ModelWorker:
             log.debug("model load failed", exc_info=True)
             detail = exc.message if isinstance(exc, VallexError) else str(exc) or type(exc).__name__
             raise Unavailable(f"cannot load the model: {detail}", reason="MODEL_LOAD_FAILED") from exc
-        log.info("model loaded in %.1f s (device %s, dtype %s)", time.monotonic() - started,
+        self.load_s = time.monotonic() - started
+        log.info("model loaded in %.1f s (device %s, dtype %s)", self.load_s,
                  getattr(self.engine, "device", "?"), getattr(self.engine, "dtype", "?"))
         self._accepting = True
         self._dispatcher = loop.create_task(self._dispatch(), name="vallexd-dispatch")
@@ -164,8 +176,13 @@ class ModelWorker:
         timeout_s: float,
         progress: ProgressFn | None = None,
         cancelled: asyncio.Event | None = None,
+        on_audio: AudioFn | None = None,
     ) -> np.ndarray:
-        """Queue one synthesis and wait for its float audio."""
+        """Queue one synthesis and wait for its float audio.
+
+        on_audio, if given, receives the audio on the event loop before this returns (for now
+        once, the whole audio; the streaming worker calls it once per piece, in order).
+        """
         if not self._accepting or self._loop is None or self._wakeup is None or self._idle is None:
             raise Unavailable("the daemon is shutting down" if self.engine else "the model is not loaded",
                               reason="SHUTTING_DOWN" if self.engine else "MODEL_NOT_LOADED")
@@ -174,7 +191,7 @@ class ModelWorker:
             raise Busy(f"the queue is full ({self.queue_limit} waiting); retry later", reason="QUEUE_FULL",
                        details={"queue_limit": self.queue_limit})
         job = Job(list(pieces), prompt, sampling, time.monotonic() + timeout_s, self._loop.create_future(),
-                  progress)
+                  progress, on_audio)
         self._waiting.append(job)
         self._idle.clear()
         self._wakeup.set()
@@ -231,6 +248,7 @@ class ModelWorker:
                         Timeout("request ran past its deadline while queued", reason="DEADLINE"))
                 continue
             self._running = job
+            started = time.monotonic()
             try:
                 audio = await self._loop.run_in_executor(self._executor, self._execute, job)
             except VallexError as err:
@@ -246,8 +264,14 @@ class ModelWorker:
                 del exc
             else:
                 if not job.future.done():
+                    if job.on_audio is not None:
+                        try:
+                            job.on_audio(audio)
+                        except Exception:
+                            log.exception("on_audio callback failed")
                     job.future.set_result(audio)
             finally:
+                self.busy_s += time.monotonic() - started
                 self._running = None
                 self._update_idle()
 
@@ -271,10 +295,17 @@ class ModelWorker:
             def progress(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(deliver, done, total)
 
+        should_stop = job.should_stop
+        on_step = self.on_step
+        if on_step is not None:
+            def should_stop() -> bool:
+                on_step(1)
+                return job.should_stop()
+
         self.jobs_run += 1
         try:
             audio = self.engine.synthesize(job.pieces, job.prompt, job.sampling, progress=progress,
-                                           should_stop=job.should_stop)
+                                           should_stop=should_stop)
         except VallexError:
             raise
         except Exception as exc:
