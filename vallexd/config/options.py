@@ -265,6 +265,15 @@ OPTIONS: tuple[Option, ...] = (
            metavar="BYTES"),
     Option("long_budget", "long_budget", _optional(_positive_int),
            "phoneme budget of one piece when long text is split", metavar="N"),
+    Option("encodec", "encodec", _string,
+           "EnCodec 24 kHz weights for making voices from recordings (presets.create); loaded on first use",
+           "path", metavar="FILE"),
+    Option("whisper", "whisper", _string,
+           "Whisper checkpoint (e.g. medium.pt) that transcribes a recording sent without a transcript; "
+           "needs the asr extra; loaded on first use", "path", metavar="FILE"),
+    Option("max_audio_bytes", "max_audio_bytes", _positive_int,
+           "largest recording accepted by presets.create and POST /v1/audio/voices, in bytes",
+           metavar="BYTES"),
 )
 _BY_KEY = {opt.key: opt for opt in OPTIONS}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -291,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Default paths: under systemd the unit's RUNTIME_DIRECTORY/vallexd.sock, "
             "STATE_DIRECTORY/presets, STATE_DIRECTORY/models and CACHE_DIRECTORY; otherwise "
             "$XDG_RUNTIME_DIR/vallexd/vallexd.sock, $XDG_DATA_HOME/vallexd/presets, "
-            "$XDG_DATA_HOME/vallexd/models/{vallex-checkpoint.pt,vocos-encodec-24khz} and "
+            "$XDG_DATA_HOME/vallexd/models/{vallex-checkpoint.pt,vocos-encodec-24khz,encodec_24khz-d7cc33bc.th,"
+            "whisper/medium.pt} and "
             "$XDG_CACHE_HOME/vallexd."
         ),
     )
@@ -369,6 +379,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         "vocos_dir": paths.vocos_dir,
         "presets_dirs": (paths.presets_dir,),
         "cache_dir": paths.cache_dir,
+        "encodec": paths.encodec,
+        "whisper": paths.whisper,
     }
 
     flag_config = args.pop("config", None)

@@ -52,6 +52,10 @@ class Config:
     # Extras beyond the architecture contract:
     max_upload_bytes: int = 4 * 1024 * 1024  # a 15 s prompt is ~75 KB; this leaves ample room
     long_budget: int | None = None  # phoneme budget per piece for long text; None = front-end default
+    # Voices from recordings (presets.create): EnCodec and Whisper weights, loaded on first use.
+    encodec: Path | None = None
+    whisper: Path | None = None
+    max_audio_bytes: int = 10 * 1024 * 1024  # a 15 s 48 kHz stereo float WAV is 5.8 MB
 
     @property
     def presets_install_dir(self) -> Path:
