@@ -138,7 +138,14 @@ def make_tiny(
     return paths
 
 
-def make_tiny_whisper(path: Path, *, language: str = "en", text: str = " Hello", seed: int = 0) -> Path:
+#: openai-whisper's published model sizes (state, heads, layers of both stacks), for benchmarks
+#: that need the real cost of a size with random weights; "tiny-random" is the test model.
+WHISPER_DIMS = {"tiny-random": (32, 2, 1), "tiny": (384, 6, 4), "base": (512, 8, 6), "small": (768, 12, 12),
+                "medium": (1024, 16, 24)}
+
+
+def make_tiny_whisper(path: Path, *, language: str = "en", text: str = " Hello", seed: int = 0,
+                      size: str = "tiny-random") -> Path:
     """A tiny Whisper checkpoint in openai-whisper's own file format (`{"dims", "model_state_dict"}`).
 
     Random weights, except that the decoder is wired to detect `language` and say `text` whatever
@@ -152,8 +159,10 @@ def make_tiny_whisper(path: Path, *, language: str = "en", text: str = " Hello",
     from whisper.model import ModelDimensions, Whisper
     from whisper.tokenizer import get_tokenizer
 
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51865, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=1)
+    state_size, heads, layers = WHISPER_DIMS[size]
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=state_size, n_audio_head=heads,
+                           n_audio_layer=layers, n_vocab=51865, n_text_ctx=448, n_text_state=state_size,
+                           n_text_head=heads, n_text_layer=layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Whisper(dims)
