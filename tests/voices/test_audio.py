@@ -69,8 +69,10 @@ def test_clipping_is_refused_but_a_few_peaks_pass() -> None:
 
 
 def test_float_audio_over_full_scale_is_normalised_not_called_clipped() -> None:
-    rec = decode_audio(wav_bytes(tone_samples(0.5, amplitude=3.0), 24000, subtype="FLOAT"))
-    assert rec.samples.max() > 1.0  # the samples themselves are returned as sent
+    samples = tone_samples(0.5, amplitude=3.0)[:, 0]
+    rec = decode_audio(wav_bytes(samples, 24000, subtype="FLOAT"))
+    assert np.abs(rec.samples).max() == pytest.approx(1.0)  # as the reference does before EnCodec
+    np.testing.assert_allclose(rec.samples, samples / np.abs(samples).max(), atol=1e-6)
 
 
 @pytest.mark.parametrize("data", [b"", b"RIFF nonsense", zlib.compress(b"x" * 1000),

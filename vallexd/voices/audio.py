@@ -98,16 +98,18 @@ def decode_audio(data: bytes, *, max_seconds: float = MAX_PROMPT_SECONDS) -> Rec
         raise too_long(mono.shape[0] / rate, max_seconds)
     if not np.isfinite(mono).all():
         raise _bad("the recording contains NaN or infinite samples")
-    check_levels(mono)
-    return Recording(mono, rate, channels, fmt)
+    return Recording(check_levels(mono), rate, channels, fmt)
 
 
-def check_levels(mono: np.ndarray) -> None:
-    """Refuse a clipped or near-silent recording (mono float samples in [-1, 1] full scale)."""
+def check_levels(mono: np.ndarray) -> np.ndarray:
+    """Refuse a clipped or near-silent recording (mono float samples, full scale 1.0).
+
+    Returns the samples, scaled down to a peak of 1.0 if they exceed it (float files can without
+    being clipped; the reference's make_prompt normalises them the same way before EnCodec).
+    """
     peak = float(np.max(np.abs(mono)))
     if peak > 1.0:
-        # Float files may exceed full scale without being clipped: normalise, as the reference does.
-        mono = mono / peak
+        mono = (mono / peak).astype(np.float32)
     clipped = float(np.mean(np.abs(mono) >= CLIP_LEVEL))
     if clipped > CLIP_FRACTION:
         raise _bad(
@@ -120,6 +122,7 @@ def check_levels(mono: np.ndarray) -> None:
         raise _bad(
             f"the recording is near-silent (RMS {shown} dBFS, below {SILENCE_DBFS:.0f}): nobody "
             "can be heard in it", "SILENT_AUDIO")
+    return mono
 
 
 def _decode_av(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, int, str]:
