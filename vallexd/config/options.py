@@ -266,11 +266,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("long_budget", "long_budget", _optional(_positive_int),
            "phoneme budget of one piece when long text is split", metavar="N"),
     Option("encodec", "encodec", _string,
-           "EnCodec 24 kHz weights for making voices from recordings (presets.create); loaded on first use",
+           "EnCodec 24 kHz weights for making voices from recordings (presets.create); loaded on first use "
+           "(default: <models>/encodec_24khz-d7cc33bc.th)",
            "path", metavar="FILE"),
     Option("whisper", "whisper", _string,
            "Whisper checkpoint (e.g. medium.pt) that transcribes a recording sent without a transcript; "
-           "needs the asr extra; loaded on first use", "path", metavar="FILE"),
+           "needs the asr extra; loaded on first use (default: <models>/whisper/medium.pt)", "path",
+           metavar="FILE"),
     Option("max_audio_bytes", "max_audio_bytes", _positive_int,
            "largest recording accepted by presets.create and POST /v1/audio/voices, in bytes",
            metavar="BYTES"),
@@ -282,7 +284,9 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 def _help(opt: Option) -> str:
     """The option's help plus its built-in default (paths depend on the environment: see epilog)."""
     default = _FIELD_DEFAULTS.get(opt.field, dataclasses.MISSING)
-    if default is dataclasses.MISSING or opt.kind == "off" or opt.field == "socket_mode":
+    # Paths under the models folder say their default in their own help (it depends on the environment).
+    own_default = ("socket_mode", "encodec", "whisper")
+    if default is dataclasses.MISSING or opt.kind == "off" or opt.field in own_default:
         return opt.help
     if default is None or default == ():
         return opt.help + " (default: unset)"
