@@ -213,10 +213,18 @@ async def test_http_refusals_are_typed_and_leave_nothing(daemon: DaemonProcess, 
     assert tree_snapshot(daemon.workdir) == before
 
 
-async def test_http_needs_a_multipart_form(daemon: DaemonProcess) -> None:
-    async with aiohttp.ClientSession() as session, session.post(
-            f"{daemon.http_url}/v1/audio/voices", json={"name": "x"}) as resp:
-        assert resp.status == 400 and (await resp.json())["error"]["reason"] == "BAD_CONTENT_TYPE"
+async def test_http_needs_a_well_formed_multipart_form(daemon: DaemonProcess) -> None:
+    url = f"{daemon.http_url}/v1/audio/voices"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json={"name": "x"}) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["reason"] == "BAD_CONTENT_TYPE"
+        for body in (b"garbage without any boundary", b"--xyz\r\nno headers end",
+                     b"--xyz\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nx\r\n--xyz--\r\n"):
+            async with session.post(url, data=body,
+                                    headers={"Content-Type": "multipart/form-data; boundary=xyz"}) as resp:
+                doc = await resp.json()
+                assert resp.status == 400, doc
+                assert doc["error"]["reason"] in ("BAD_FORM", "MISSING_FIELD"), doc
 
 
 # --------------------------------------------------------------------------- vallexctl

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vallexd.errors import InvalidArgument
 from vallexd.server.transport import ServiceLike
@@ -72,45 +73,43 @@ async def read_form(request: web.Request, max_audio_bytes: int) -> dict[str, Any
     length = request.content_length
     if length is not None and length > max_audio_bytes + _FORM_SLACK:
         raise audio_too_large(None, max_audio_bytes)
+    params: dict[str, Any] = {}
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
-        raise InvalidArgument(f"malformed multipart form: {exc}", reason="BAD_FORM") from None
-    params: dict[str, Any] = {}
-    while True:
-        try:
-            part = await reader.next()
-        except ValueError as exc:
-            raise InvalidArgument(f"malformed multipart form: {exc}", reason="BAD_FORM") from None
-        if part is None:
-            break
-        if not isinstance(part, BodyPartReader):
-            raise InvalidArgument("nested multipart forms are not accepted", reason="BAD_FORM")
-        field = part.name or ""
-        key = "audio" if field == "file" else field
-        if key in params:
-            raise InvalidArgument(f"field {field!r} is given twice", reason="BAD_FORM",
-                                  details={"field": field})
-        if field == "file":
-            params["audio"] = await _read_limited(part, max_audio_bytes, audio_too_large)
-        elif field in TEXT_FIELDS:
-            raw = await _read_limited(part, _TEXT_FIELD_MAX, _field_too_large(field))
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidArgument(f"field {field!r} is not UTF-8 text", reason="BAD_TEXT",
-                                      details={"field": field}) from None
-            params[field] = _form_bool(field, text) if field in BOOL_FIELDS else text
-        else:
-            raise InvalidArgument(f"unknown form field {field[:64]!r}; accepted: file, "
-                                  f"{', '.join(TEXT_FIELDS)}", reason="UNKNOWN_FIELD",
-                                  details={"field": field[:64]})
+        while (part := await reader.next()) is not None:
+            await _read_part(part, params, max_audio_bytes)
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
+        # aiohttp's parser refuses a broken form with these (bad boundary, headers, early end).
+        detail = str(exc).replace("\n", " ").strip()[:200] or type(exc).__name__
+        raise InvalidArgument(f"malformed multipart form: {detail}", reason="BAD_FORM") from None
     if "audio" not in params:
         raise InvalidArgument("the form has no file field (the recording)", reason="MISSING_FIELD",
                               details={"field": "file"})
     if params.get("language") == "":
         params.pop("language")
     return params
+
+
+async def _read_part(part: Any, params: dict[str, Any], max_audio_bytes: int) -> None:
+    if not isinstance(part, BodyPartReader):
+        raise InvalidArgument("nested multipart forms are not accepted", reason="BAD_FORM")
+    field = part.name or ""
+    key = "audio" if field == "file" else field
+    if key in params:
+        raise InvalidArgument(f"field {field!r} is given twice", reason="BAD_FORM", details={"field": field})
+    if field == "file":
+        params["audio"] = await _read_limited(part, max_audio_bytes, audio_too_large)
+    elif field in TEXT_FIELDS:
+        raw = await _read_limited(part, _TEXT_FIELD_MAX, _field_too_large(field))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"field {field!r} is not UTF-8 text", reason="BAD_TEXT",
+                                  details={"field": field}) from None
+        params[field] = _form_bool(field, text) if field in BOOL_FIELDS else text
+    else:
+        raise InvalidArgument(f"unknown form field {field[:64]!r}; accepted: file, {', '.join(TEXT_FIELDS)}",
+                              reason="UNKNOWN_FIELD", details={"field": field[:64]})
 
 
 async def _read_limited(part: BodyPartReader, limit: int, too_large: Any) -> bytes:
