@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,8 @@ def test_missing_weights_are_typed_and_picked_up_once_fetched(
         tmp_path: Path) -> None:
     models = tmp_path / "models"
     late = daemon_factory("late", ["--encodec", str(models / "encodec.th"),
-                                   "--whisper", str(models / "whisper" / "medium.pt"), "--threads", "1"])
+                                   "--whisper", str(models / "whisper" / "medium.pt"), "--threads", "1",
+                                   "--whisper-idle", "1"])
     before = tree_snapshot(late.workdir)
     err = refused(late, name="a", audio=tone(0.3), transcript="Hello.")
     assert (err.code, err.reason) == (ErrorCode.UNAVAILABLE, "ENCODEC_MISSING")
@@ -274,4 +276,13 @@ def test_missing_weights_are_typed_and_picked_up_once_fetched(
     shutil.copy(tiny_whisper, models / "whisper" / "medium.pt")
     assert create(late, name="b", audio=tone(0.3))["transcribed"] is True
     status = late.call("status")["voices"]
-    assert status["encodec"] and status["whisper"] and status["created"] == 2
+    assert status["encodec"] and status["created"] == 2 and status["transcribed"] == 1
+
+    # Idle for --whisper-idle seconds: Whisper is unloaded (EnCodec, ~90 MB, stays), and loaded
+    # again by the next create that needs it.
+    deadline = time.monotonic() + 30
+    while late.call("status")["voices"]["whisper"]:
+        assert time.monotonic() < deadline, "Whisper was never unloaded"
+        time.sleep(0.2)
+    late.wait_log("Whisper unloaded after being idle")
+    assert create(late, name="c", audio=tone(0.3))["transcribed"] is True

@@ -273,6 +273,9 @@ OPTIONS: tuple[Option, ...] = (
            "Whisper checkpoint (e.g. medium.pt) that transcribes a recording sent without a transcript; "
            "needs the asr extra; loaded on first use (default: <models>/whisper/medium.pt)", "path",
            metavar="FILE"),
+    Option("whisper_idle", "whisper_idle_s", _non_negative_float,
+           "seconds without a transcription after which Whisper is unloaded (medium holds about 3 GB); "
+           "0 keeps it loaded", metavar="SECONDS"),
     Option("max_audio_bytes", "max_audio_bytes", _positive_int,
            "largest recording accepted by presets.create and POST /v1/audio/voices, in bytes",
            metavar="BYTES"),

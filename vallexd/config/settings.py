@@ -56,6 +56,7 @@ class Config:
     encodec: Path | None = None
     whisper: Path | None = None
     max_audio_bytes: int = 10 * 1024 * 1024  # a 15 s 48 kHz stereo float WAV is 5.8 MB
+    whisper_idle_s: float = 600.0  # Whisper medium holds ~3 GB: released after this idle time; 0 = keep
 
     @property
     def presets_install_dir(self) -> Path:

@@ -102,10 +102,35 @@ class VoiceMaker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vallexd-voice")
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._admitted = 0
+        self._last_transcription = 0.0  # time.monotonic() of the last use of Whisper
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.counters = {"created": 0, "transcribed": 0, "failed": 0}
 
     def shutdown(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _schedule_release(self) -> None:
+        """Unload Whisper once it has not been used for `whisper_idle_s` (0: never)."""
+        idle = self.config.whisper_idle_s
+        if not idle:
+            return
+        self._last_transcription = time.monotonic()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(idle, self._release_if_idle, loop)
+
+    def _release_if_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._idle_timer = None
+        if self._admitted or time.monotonic() - self._last_transcription < self.config.whisper_idle_s:
+            if self._admitted:  # busy now: look again after another idle period
+                self._idle_timer = loop.call_later(self.config.whisper_idle_s, self._release_if_idle, loop)
+            return
+        # In the voice thread, so it can never pull the model from under a transcription.
+        future = loop.run_in_executor(self._executor, self.models.release_whisper)
+        future.add_done_callback(_log_release)
 
     def status(self) -> dict[str, Any]:
         return {"admitted": self._admitted, "limit": VOICE_QUEUE_LIMIT, **self.models.loaded,
@@ -157,8 +182,11 @@ class VoiceMaker:
         recording = await self._in(self._executor, decode_audio, req.audio)
         decoded = time.monotonic()
         if req.transcript is None:
-            heard, language = await self._in(self._executor, maker.transcribe, self.models, recording,
-                                             req.language)
+            try:
+                heard, language = await self._in(self._executor, maker.transcribe, self.models, recording,
+                                                 req.language)
+            finally:
+                self._schedule_release()
             text = await self._in(self._text_executor, lambda: maker.phonemize_transcript(
                 heard, language, transcribed=True))
         else:
@@ -192,6 +220,11 @@ class VoiceMaker:
             return
         raise AlreadyExists(f"voice {name!r} already exists; set overwrite to replace it",
                             reason="PRESET_EXISTS", details={"name": name})
+
+
+def _log_release(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled() and future.exception() is None and future.result():
+        log.info("voices: Whisper unloaded after being idle")
 
 
 def _recording_info(recording: Recording) -> dict[str, Any]:

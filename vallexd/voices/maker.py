@@ -105,6 +105,16 @@ class VoiceModels:
                 self._transcriber = Transcriber.load(self.whisper_path, device=self.device)
             return self._transcriber
 
+    def release_whisper(self) -> bool:
+        """Drop the loaded Whisper (it is loaded again on next use); True if one was loaded."""
+        with self._lock:
+            released, self._transcriber = self._transcriber is not None, None
+        if released:
+            import gc
+
+            gc.collect()  # the model's tensors are freed now, not at some later collection
+        return released
+
     @property
     def loaded(self) -> dict[str, bool]:
         return {"encodec": self._tokenizer is not None, "whisper": self._transcriber is not None}
