@@ -1,16 +1,18 @@
-"""Make a voice preset (.npz bytes) from a short recording and its transcript.
+"""Make a voice preset (.npz bytes) from a short recording, here or on the daemon.
 
-This is the only part of vallexctl that needs torch (EnCodec) and the text
-front end; the CLI imports this module only for `preset install --from-audio`.
-The length limit is checked from the file header first, so a too-long
-recording is refused before any model is loaded.
+Here (the client has the EnCodec weights and a transcript): the same steps the daemon runs
+(`vallexd.voices`: decode, 15 s / clipping / silence checks, phonemes, EnCodec), then the .npz is
+uploaded with `presets.install`.  Otherwise the recording itself goes to the daemon's
+`presets.create`, which encodes it with its EnCodec and transcribes it with Whisper when no
+transcript is given.  This module imports torch only on the local path; the length limit is
+checked from the file header first, so a too-long recording is refused before anything loads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vallexd.constants import ENCODEC_FILE
+from vallexd.constants import ENCODEC_FILE, MAX_PROMPT_SECONDS
 from vallexd.errors import InvalidArgument, NotFound, TooLarge
 
 
@@ -25,14 +27,17 @@ def default_encodec_path() -> Path:
     return demo if not real.is_file() and demo.is_file() and is_demo(demo.parent) else real
 
 
-def check_duration(wav: Path, max_seconds: float) -> float:
-    """Seconds of audio in `wav` from its header; TooLarge over `max_seconds`."""
+def check_duration(wav: Path, max_seconds: float) -> float | None:
+    """Seconds of audio in `wav` from its header; TooLarge over `max_seconds`.
+
+    None when soundfile cannot read the header (e.g. M4A): the decoder decides later.
+    """
     import soundfile as sf
 
     try:
         info = sf.info(str(wav))
-    except (RuntimeError, sf.LibsndfileError) as exc:
-        raise InvalidArgument(f"cannot read audio file {wav}: {exc}", reason="BAD_AUDIO") from None
+    except (RuntimeError, sf.LibsndfileError):
+        return None
     seconds = info.frames / info.samplerate if info.samplerate else 0.0
     if seconds > max_seconds:
         raise TooLarge(
@@ -43,36 +48,31 @@ def check_duration(wav: Path, max_seconds: float) -> float:
     return seconds
 
 
-def prompt_bytes_from_audio(wav: Path, transcript: str, language: str, *, encodec_path: Path | None,
-                            max_seconds: float = 15.0) -> bytes:
-    """EnCodec codes of `wav` + phoneme ids of `transcript` -> a validated .npz file's bytes."""
+def read_recording(wav: Path, max_seconds: float = MAX_PROMPT_SECONDS) -> bytes:
+    """The file's bytes, after the cheap header check of its length."""
     check_duration(wav, max_seconds)
+    try:
+        return wav.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {wav}: {exc.strerror or exc}", reason="BAD_AUDIO") from None
+
+
+def prompt_bytes_from_audio(wav: Path, transcript: str, language: str, *, encodec_path: Path | None,
+                            max_seconds: float = MAX_PROMPT_SECONDS) -> bytes:
+    """EnCodec codes of `wav` + phoneme ids of `transcript` -> a validated .npz file's bytes."""
+    data = read_recording(wav, max_seconds)
     encodec_path = encodec_path or default_encodec_path()
     if not encodec_path.is_file():
         raise NotFound(
-            f"EnCodec weights not found at {encodec_path}: run `vallexctl models fetch` "
+            f"EnCodec weights not found at {encodec_path}: run `vallexctl models fetch --encodec` "
             "or pass --encodec PATH",
             reason="CODEC_NOT_FOUND",
         )
-    # The text first: it is cheap and its errors (empty, unknown language) are the user's to fix.
-    from vallexd.text import phonemize
+    from vallexd.storage.prompts import prompt_to_bytes
+    from vallexd.voices import maker
+    from vallexd.voices.audio import decode_audio
 
-    ph = phonemize(transcript, language)
-    if ph.language not in ("en", "zh", "ja"):
-        raise InvalidArgument(
-            f"the transcript reads as {ph.language!r}; a prompt has one language: "
-            "pass --language en, zh or ja",
-            reason="BAD_PROMPT_LANGUAGE",
-        )
-
-    import numpy as np
-
-    from vallexd.inference.encodec import AudioTokenizer
-    from vallexd.storage.prompts import Prompt, prompt_to_bytes, validate_arrays
-
-    codes = AudioTokenizer.load(encodec_path, device="cpu").encode_file(wav)  # (1, T, 8) int64
-    text = np.asarray([ph.ids], dtype=np.int64)
-    from vallexd.constants import LANG_CODES
-
-    prompt: Prompt = validate_arrays(codes, text, np.asarray(LANG_CODES[ph.language]), wav.name)
+    recording = decode_audio(data, max_seconds=max_seconds)
+    models = maker.VoiceModels(encodec_path, None)
+    prompt, _text = maker.make_prompt(models, recording, transcript, language, wav.name)
     return prompt_to_bytes(prompt)

@@ -1,7 +1,8 @@
 """The model files vallexd needs, where they come from, and how we know they are intact.
 
-Only the EnCodec weights publish (part of) their digest: the first 8 hex
-digits of the sha256 are in the file name.  For the others we record the
+The EnCodec weights publish part of their digest (the first 8 hex digits of
+the sha256 are in the file name) and Whisper's checkpoints all of it (the
+sha256 is a folder of their URL, as openai-whisper checks it).  For the others we record the
 sha256 at the first download in `manifest.json` in the models folder
 (trust on first use) and check every later fetch and `models verify`
 against it, so a corrupted or swapped file is noticed.
@@ -12,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vallexctl.download import DigestMismatch, Progress, check_digest, download
+from vallexd.constants import WHISPER_DEFAULT_SIZE, WHISPER_DIR
 from vallexd.errors import InvalidArgument, NotFound
 from vallexd.storage import fsutil
 from vallexd.storage.fsutil import sha256_file
@@ -34,6 +36,7 @@ class ModelFile:
     sha256_prefix: str | None = None
     required: bool = True  # EnCodec is only needed for `preset install --from-audio`
     about: str = ""
+    sha256: str | None = None  # published full digest (Whisper)
 
     def source(self, base_url: str | None) -> str:
         return f"{base_url.rstrip('/')}/{self.relpath}" if base_url else self.url
@@ -55,6 +58,36 @@ MODEL_FILES: tuple[ModelFile, ...] = (
               about="EnCodec 24 kHz weights (about 90 MB; for presets made from audio)"),
 )
 ENCODEC = MODEL_FILES[3]
+
+#: openai-whisper's multilingual checkpoints (the English-only ones cannot detect zh/ja): size ->
+#: the sha256 that is also a folder of its URL (openai-whisper's own _MODELS table).
+WHISPER_SHA256: dict[str, str] = {
+    "tiny": "65147644a518d12f04e32d6f3b26facc3f8dd46e5390956a9424a650c0ce22b9",
+    "base": "ed3a0b6b1c0edf879ad9b11b1af5a0e6ab5db9205f891f668f8b0e6c6326e34e",
+    "small": "9ecf779972d90ba49c06d968637d720dd632c55bbf19d441fb42bf17a411e794",
+    "medium": "345ae4da62f9b3d59415adc60127b97c714f32e89e936602e85993674d08dcb1",
+    "large-v3": "e5b1a55b89c1367dacf97e3e19bfd829a01529dbfdeefa8caeb59b3f1b81dadb",
+    "large-v3-turbo": "aff26ae408abcba5fbf8813c21e62b0941638c5f6eebfb145be0c9839262a19a",
+}
+WHISPER_SIZES_MB = {"tiny": 75, "base": 145, "small": 485, "medium": 1500, "large-v3": 3000,
+                    "large-v3-turbo": 1600}
+
+
+def whisper_file(size: str = WHISPER_DEFAULT_SIZE) -> ModelFile:
+    """The Whisper checkpoint of `size` as <models>/whisper/<size>.pt (the daemon's `whisper` default
+    is medium, the reference's choice)."""
+    if size not in WHISPER_SHA256:
+        raise InvalidArgument(f"unknown Whisper size {size!r}; use one of {', '.join(WHISPER_SHA256)}",
+                              reason="BAD_VALUE")
+    digest = WHISPER_SHA256[size]
+    return ModelFile(f"whisper-{size}", f"{WHISPER_DIR}/{size}.pt",
+                     f"https://openaipublic.azureedge.net/main/whisper/models/{digest}/{size}.pt",
+                     required=False, sha256=digest,
+                     about=f"Whisper {size} (about {WHISPER_SIZES_MB[size]} MB; transcribes recordings)")
+
+
+def whisper_files_present(models_dir: Path) -> tuple[ModelFile, ...]:
+    return tuple(mf for size in WHISPER_SHA256 if (models_dir / (mf := whisper_file(size)).relpath).is_file())
 
 
 #: The demo weights of `quickstart --demo` live beside the models folder, marked by this file.
@@ -145,16 +178,22 @@ def fetch_models(
     progress_for: Callable[[ModelFile], Progress | None] | None = None,
     hash_progress_for: Callable[[ModelFile], Progress | None] | None = None,
     retries: int = 2,
+    files: Sequence[ModelFile] | None = None,
 ) -> list[FileReport]:
-    """Download what is missing, check what is there; the manifest pins every digest."""
+    """Download what is missing, check what is there; the manifest pins every digest.
+
+    `files` picks the files (e.g. `[ENCODEC, whisper_file("medium")]`); by default MODEL_FILES,
+    the optional ones only with `include_optional`.
+    """
     models_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(models_dir)
     reports: list[FileReport] = []
-    for mf in MODEL_FILES:
-        if not mf.required and not include_optional:
+    chosen = MODEL_FILES if files is None else tuple(files)
+    for mf in chosen:
+        if files is None and not mf.required and not include_optional:
             continue
         dest = models_dir / mf.relpath
-        pinned = manifest.get(mf.relpath, {}).get("sha256")
+        pinned = manifest.get(mf.relpath, {}).get("sha256") or mf.sha256
         if dest.is_file():
             actual = sha256_file(dest, hash_progress_for(mf) if hash_progress_for else None)
             try:
@@ -163,7 +202,7 @@ def fetch_models(
                 exc.message += "; the file is damaged or was replaced: delete it and fetch again"
                 exc.args = (exc.message,)
                 raise
-            if pinned is None:
+            if mf.relpath not in manifest:
                 manifest[mf.relpath] = _pin(actual, dest.stat().st_size, "(already present)")
                 write_manifest(models_dir, manifest)
             reports.append(FileReport(mf.relpath, "present", actual, dest.stat().st_size))
@@ -177,14 +216,17 @@ def fetch_models(
                            f"{' (a mirror must serve URL/' + mf.relpath + ')' if base_url else ''} and run "
                            "`vallexctl models fetch` again", reason=exc.reason) from None
         except DigestMismatch as exc:
-            if pinned is not None:
+            if pinned is not None and mf.relpath not in manifest:
+                exc.message += " (the digest its publisher gives for this file)"
+                exc.args = (exc.message,)
+            elif pinned is not None:
                 exc.message += (
                     f" (the digest recorded at the first download in {models_dir / MANIFEST}; "
                     "if the upstream file really changed, delete its entry there and fetch again)"
                 )
                 exc.args = (exc.message,)
             raise
-        if pinned is None:
+        if mf.relpath not in manifest:
             manifest[mf.relpath] = _pin(result.sha256, result.size, url)
             write_manifest(models_dir, manifest)
         reports.append(FileReport(mf.relpath, "downloaded", result.sha256, result.size, url, result.resumed))
@@ -197,13 +239,13 @@ def verify_models(
     """Hash every file and compare with the manifest (and EnCodec's name prefix); changes nothing."""
     manifest = read_manifest(models_dir)
     reports: list[FileReport] = []
-    for mf in MODEL_FILES:
+    for mf in (*MODEL_FILES, *whisper_files_present(models_dir)):
         dest = models_dir / mf.relpath
         if not dest.is_file():
             reports.append(FileReport(mf.relpath, "missing", detail="" if mf.required else "optional"))
             continue
         actual = sha256_file(dest, hash_progress_for(mf) if hash_progress_for else None)
-        pinned = manifest.get(mf.relpath, {}).get("sha256")
+        pinned = manifest.get(mf.relpath, {}).get("sha256") or mf.sha256
         try:
             check_digest(actual, sha256=pinned, sha256_prefix=mf.sha256_prefix, what=mf.relpath)
         except DigestMismatch as exc:

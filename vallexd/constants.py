@@ -46,3 +46,7 @@ CHECKPOINT_FILE = "vallex-checkpoint.pt"
 VOCOS_DIR = "vocos-encodec-24khz"
 VOCOS_FILES: tuple[str, ...] = ("config.yaml", "pytorch_model.bin")
 ENCODEC_FILE = "encodec_24khz-d7cc33bc.th"
+#: Whisper checkpoints (optional, for transcribing voice recordings): <models>/whisper/<size>.pt,
+#: the layout of the reference's download_root.
+WHISPER_DIR = "whisper"
+WHISPER_DEFAULT_SIZE = "medium"

@@ -86,8 +86,11 @@ def test_missing_encodec_weights_say_how_to_get_them(daemon: DaemonProcess, tmp_
     assert "models fetch" in result.stderr
 
 
-def test_from_audio_needs_transcript_and_name(tmp_path: Path) -> None:
+def test_from_audio_needs_a_name_and_a_local_transcript(tmp_path: Path) -> None:
+    """A transcript is optional (the daemon transcribes), but making the preset here needs one."""
     wav = tone(tmp_path / "a.wav", 0.5)
-    result = CliRunner().invoke(cli, ["--socket", str(tmp_path / "s"), "preset", "install", "--from-audio",
-                                      str(wav), "--name", "x"])
+    base = ["--socket", str(tmp_path / "s"), "preset", "install", "--from-audio", str(wav)]
+    result = CliRunner().invoke(cli, base)
+    assert result.exit_code == 2 and "--name" in result.output
+    result = CliRunner().invoke(cli, [*base, "--name", "x", "--encodec", str(tmp_path / "e.th")])
     assert result.exit_code == 2 and "--transcript" in result.output

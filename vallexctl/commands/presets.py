@@ -69,20 +69,24 @@ def presets_list(available: bool, catalogue_path: Path | None) -> None:
 @click.option("--catalogue", "catalogue_path", type=click.Path(dir_okay=False, path_type=Path),
               envvar=cat.ENV_VAR, help=f"Catalogue file [env {cat.ENV_VAR}].")
 @click.option("--from-audio", "from_audio", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Make the preset from a WAV recording (at most 15 s) instead.")
-@click.option("--transcript", help="What is said in the --from-audio recording.")
+              help="Make the preset from a recording (WAV, FLAC, MP3, ...; at most 15 s) instead.")
+@click.option("--transcript", help="What is said in the --from-audio recording [default: the daemon "
+                                   "transcribes it with Whisper].")
 @click.option("-l", "--language", type=click.Choice(("auto", "en", "zh", "ja")), default="auto",
               show_default=True, help="Language of the transcript (--from-audio).")
 @click.option("--encodec", "encodec_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="EnCodec 24 kHz weights for --from-audio [default: in the models folder].")
+              help="EnCodec 24 kHz weights: make the preset here [default: here if the models folder "
+                   "has them and a transcript is given, else on the daemon].")
 @click.option("--save", "save_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also keep the .npz made --from-audio here.")
+              help="Also keep the .npz made --from-audio here (needs EnCodec on this machine).")
+@click.option("--keep-audio", is_flag=True, help="The daemon keeps the recording beside the preset "
+                                                  "(when it makes the preset).")
 @click.option("--progress/--no-progress", default=None,
               help="Show download progress on stderr [default: on a terminal].")
 @json_option
 def presets_install(source: str | None, name: str | None, overwrite: bool, expected_sha256: str | None,
                     catalogue_path: Path | None, from_audio: Path | None, transcript: str | None,
-                    language: str, encodec_path: Path | None, save_path: Path | None,
+                    language: str, encodec_path: Path | None, save_path: Path | None, keep_audio: bool,
                     progress: bool | None) -> None:
     """Install a preset from SOURCE: an .npz file, an http(s) URL, or a catalogue name.
 
@@ -91,6 +95,7 @@ def presets_install(source: str | None, name: str | None, overwrite: bool, expec
     vallexctl preset install ./me.npz --name me
     vallexctl preset install https://example.org/x.npz --sha256 HEX
     vallexctl preset install --from-audio me.wav --transcript "Hello there." --name me
+    vallexctl preset install --from-audio me.m4a --name me   (the daemon transcribes it)
     """
     from vallexd.service.requests import validate_name
 
@@ -100,10 +105,21 @@ def presets_install(source: str | None, name: str | None, overwrite: bool, expec
     if from_audio is not None:
         if source is not None:
             raise click.UsageError("give either SOURCE or --from-audio, not both")
-        if not transcript or not name:
-            raise click.UsageError("--from-audio needs --transcript TEXT and --name NAME")
+        if not name:
+            raise click.UsageError("--from-audio needs --name NAME")
         validate_name(name)
-        from vallexctl.from_audio import prompt_bytes_from_audio
+        from vallexctl.from_audio import default_encodec_path, prompt_bytes_from_audio
+
+        local = encodec_path is not None or (bool(transcript) and default_encodec_path().is_file())
+        if not local:
+            if save_path is not None:
+                raise click.UsageError("--save needs the EnCodec weights on this machine: pass --encodec "
+                                       "PATH or run `vallexctl models fetch --encodec`")
+            _create_on_daemon(from_audio, name, transcript, language, overwrite, keep_audio)
+            return
+        if not transcript:
+            raise click.UsageError("--encodec makes the preset here, which needs --transcript TEXT "
+                                   "(without --encodec the daemon can transcribe the recording)")
 
         data = prompt_bytes_from_audio(from_audio, transcript, language, encodec_path=encodec_path,
                                        max_seconds=MAX_PROMPT_SECONDS)
@@ -142,6 +158,24 @@ def presets_remove(name: str) -> None:
     with state().client() as c:
         result = c.call("presets.remove", {"name": name})
     emit(result, f"removed {result.get('name', name)}")
+
+
+def _create_on_daemon(recording: Path, name: str, transcript: str | None, language: str, overwrite: bool,
+                      keep_audio: bool) -> None:
+    """Send the recording to the daemon's presets.create (its EnCodec; Whisper without a transcript)."""
+    from vallexctl.from_audio import read_recording
+
+    params = {"name": name, "audio": read_recording(recording, MAX_PROMPT_SECONDS), "language": language,
+              "overwrite": overwrite, "keep_audio": keep_audio}
+    if transcript:
+        params["transcript"] = transcript
+    with state().client() as c:
+        result = c.call("presets.create", params)
+    result["source"] = str(recording)
+    how = "transcribed by Whisper" if result.get("transcribed") else "given"
+    emit(result, f"made {result.get('name', name)} ({result.get('language', '?')}, "
+                 f"{result.get('frames', '?')} frames) from {recording} on the daemon; transcript "
+                 f"({how}): {result.get('transcript', '')}")
 
 
 def _fetch_source(source: str, expected_sha256: str | None, catalogue_path: Path | None,

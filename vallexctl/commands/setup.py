@@ -16,6 +16,7 @@ from vallexctl.context import state
 from vallexctl.download import DownloadFailed
 from vallexctl.output import EXIT_INTERRUPTED, ProgressLine, emit, json_option, note, stderr_is_tty
 from vallexctl.units import format_size
+from vallexd.constants import WHISPER_DEFAULT_SIZE
 from vallexd.errors import NotFound, Unavailable, VallexError
 
 QUICKSTART_TEXT = "Hello! This is vallexd, speaking from your own computer."
@@ -67,22 +68,37 @@ def resumable(command: str) -> Iterator[None]:
               help="Fetch from a mirror laid out like the models folder instead of the public URLs "
                    f"[env {mdl.BASE_URL_ENV}].")
 @click.option("--no-encodec", is_flag=True, help="Skip the EnCodec weights (only needed for --from-audio).")
+@click.option("--encodec", "only_encodec", is_flag=True,
+              help="Fetch only the EnCodec weights (to make voices from recordings).")
+@click.option("--whisper", "whisper", is_flag=True,
+              help="Fetch only Whisper (transcribes recordings sent without a transcript; the daemon "
+                   "needs the asr extra). With --encodec: both.")
+@click.option("--whisper-size", type=click.Choice(tuple(mdl.WHISPER_SHA256)), default=WHISPER_DEFAULT_SIZE,
+              show_default=True, help="Which Whisper (the daemon reads <models>/whisper/medium.pt unless "
+                                      "its `whisper` setting names another).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars on stderr [default: on a terminal].")
 @json_option
-def models_fetch(models_dir: Path | None, base_url: str | None, no_encodec: bool,
-                 progress: bool | None) -> None:
+def models_fetch(models_dir: Path | None, base_url: str | None, no_encodec: bool, only_encodec: bool,
+                 whisper: bool, whisper_size: str, progress: bool | None) -> None:
     """Download the VALL-E X checkpoint, the Vocos vocoder and EnCodec; verify their sha256.
 
     Interrupted downloads resume (HTTP Range): run the same command again. A digest is
-    recorded in manifest.json at the first download and checked on every later run.
+    recorded in manifest.json at the first download and checked on every later run
+    (Whisper's published sha256 is checked from the first).
     """
     models_dir = models_dir or default_models_dir()
     show = (stderr_is_tty() if progress is None else progress) and not state().json
+    files = None
+    if only_encodec or whisper:
+        if no_encodec and only_encodec:
+            raise click.UsageError("--encodec and --no-encodec contradict each other")
+        files = [mdl.ENCODEC] if only_encodec else []
+        files += [mdl.whisper_file(whisper_size)] if whisper else []
     with resumable("vallexctl models fetch"):
         reports = mdl.fetch_models(models_dir, base_url=mdl.base_url_from(base_url),
                                    include_optional=not no_encodec, progress_for=_progress_for(show),
-                                   hash_progress_for=_hash_progress_for(show))
+                                   hash_progress_for=_hash_progress_for(show), files=files)
 
     def human() -> None:
         for r in reports:

@@ -261,6 +261,20 @@ OPTIONS: tuple[Option, ...] = (
            metavar="URI"),
     Option("wyoming_allow_remote", "wyoming_allow_remote", _bool,
            "let --wyoming-uri listen on a non-loopback address (Wyoming has no authentication)", "on"),
+    Option("encodec", "encodec", _string,
+           "EnCodec 24 kHz weights for making voices from recordings (presets.create); loaded on first use "
+           "(default: <models>/encodec_24khz-d7cc33bc.th)",
+           "path", metavar="FILE"),
+    Option("whisper", "whisper", _string,
+           "Whisper checkpoint (e.g. medium.pt) that transcribes a recording sent without a transcript; "
+           "needs the asr extra; loaded on first use (default: <models>/whisper/medium.pt)", "path",
+           metavar="FILE"),
+    Option("whisper_idle", "whisper_idle_s", _non_negative_float,
+           "seconds without a transcription after which Whisper is unloaded (medium holds about 3 GB); "
+           "0 keeps it loaded", metavar="SECONDS"),
+    Option("max_audio_bytes", "max_audio_bytes", _positive_int,
+           "largest recording accepted by presets.create and POST /v1/audio/voices, in bytes",
+           metavar="BYTES"),
 )
 _BY_KEY = {opt.key: opt for opt in OPTIONS}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -269,7 +283,9 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 def _help(opt: Option) -> str:
     """The option's help plus its built-in default (paths depend on the environment: see epilog)."""
     default = _FIELD_DEFAULTS.get(opt.field, dataclasses.MISSING)
-    if default is dataclasses.MISSING or opt.kind in ("off", "on") or opt.field == "socket_mode":
+    # Paths under the models folder say their default in their own help (it depends on the environment).
+    own_default = ("socket_mode", "encodec", "whisper")
+    if default is dataclasses.MISSING or opt.kind in ("off", "on") or opt.field in own_default:
         return opt.help
     if default is None or default == ():
         return opt.help + " (default: unset)"
@@ -287,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Default paths: under systemd the unit's RUNTIME_DIRECTORY/vallexd.sock, "
             "STATE_DIRECTORY/presets, STATE_DIRECTORY/models and CACHE_DIRECTORY; otherwise "
             "$XDG_RUNTIME_DIR/vallexd/vallexd.sock, $XDG_DATA_HOME/vallexd/presets, "
-            "$XDG_DATA_HOME/vallexd/models/{vallex-checkpoint.pt,vocos-encodec-24khz} and "
+            "$XDG_DATA_HOME/vallexd/models/{vallex-checkpoint.pt,vocos-encodec-24khz,encodec_24khz-d7cc33bc.th,"
+            "whisper/medium.pt} and "
             "$XDG_CACHE_HOME/vallexd."
         ),
     )
@@ -394,6 +411,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         "vocos_dir": paths.vocos_dir,
         "presets_dirs": (paths.presets_dir,),
         "cache_dir": paths.cache_dir,
+        "encodec": paths.encodec,
+        "whisper": paths.whisper,
     }
 
     flag_config = args.pop("config", None)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vallexd.constants import CHECKPOINT_FILE, VOCOS_DIR
+from vallexd.constants import CHECKPOINT_FILE, ENCODEC_FILE, VOCOS_DIR, WHISPER_DEFAULT_SIZE, WHISPER_DIR
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,14 @@ class DefaultPaths:
     @property
     def vocos_dir(self) -> Path:
         return self.models_dir / VOCOS_DIR
+
+    @property
+    def encodec(self) -> Path:
+        return self.models_dir / ENCODEC_FILE
+
+    @property
+    def whisper(self) -> Path:
+        return self.models_dir / WHISPER_DIR / f"{WHISPER_DEFAULT_SIZE}.pt"
 
 
 def default_paths(environ: Mapping[str, str] | None = None) -> DefaultPaths:

@@ -54,6 +54,11 @@ class Config:
     long_budget: int | None = None  # phoneme budget per piece for long text; None = front-end default
     wyoming_uri: str | None = None  # tcp://HOST:PORT or unix://PATH; None = no Wyoming server
     wyoming_allow_remote: bool = False  # Wyoming has no auth: a non-loopback address needs this
+    # Voices from recordings (presets.create): EnCodec and Whisper weights, loaded on first use.
+    encodec: Path | None = None
+    whisper: Path | None = None
+    max_audio_bytes: int = 10 * 1024 * 1024  # a 15 s 48 kHz stereo float WAV is 5.8 MB
+    whisper_idle_s: float = 600.0  # Whisper medium holds ~3 GB: released after this idle time; 0 = keep
 
     @property
     def presets_install_dir(self) -> Path:

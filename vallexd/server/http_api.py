@@ -6,6 +6,7 @@ Routes:
     POST /v1/synthesize   protocol.md params as JSON -> audio/wav body (or JSON with return=path)
     GET  /health          200 when the model is loaded (and not draining), else 503
     GET  /presets, /status
+    POST /v1/audio/voices a voice from an uploaded recording (multipart; voices_api.py)
 
 Security defaults, because a local HTTP port is reachable from every web page the
 user opens: a request carrying an Origin that is not allow-listed is refused outright
@@ -32,6 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
+from vallexd.config.settings import Config
 from vallexd.errors import (
     ErrorCode,
     InvalidArgument,
@@ -42,6 +44,7 @@ from vallexd.errors import (
     Unavailable,
     VallexError,
 )
+from vallexd.server import voices_api
 from vallexd.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vallexd.server.metrics import Metrics
 from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
@@ -120,7 +123,8 @@ class HttpApi:
     """Build, start and stop the aiohttp application on config.http_host/http_port."""
 
     def __init__(self, service: ServiceLike, *, host: str, port: int, token: str | None,
-                 cors_origins: tuple[str, ...], max_body: int) -> None:
+                 cors_origins: tuple[str, ...], max_body: int,
+                 max_audio_bytes: int = Config.max_audio_bytes) -> None:
         check_http_config(host, token)
         self.service = service
         self.host = host
@@ -139,6 +143,7 @@ class HttpApi:
             web.get("/status", self.status),
             web.get("/metrics", self.metrics_route),
         ])
+        voices_api.add_routes(self.app, service, max_audio_bytes=max_audio_bytes)  # POST /v1/audio/voices
         self._runner: web.AppRunner | None = None
         self.gate = DrainGate()
         self.metrics: Metrics | None = None

@@ -96,6 +96,7 @@ class RpcServer:
             "presets.list": self._presets_list,
             "presets.install": lambda r: self.service.presets_install(r.params),
             "presets.remove": lambda r: self.service.presets_remove(r.params),
+            "presets.create": lambda r: self.service.presets_create(r.params),
             "cache.stats": self._cache_stats,
             "cache.prune": lambda r: self.service.cache_prune(r.params),
         }

@@ -44,6 +44,7 @@ from vallexd.service.requests import (
     validate_synthesize,
 )
 from vallexd.service.result import SynthesisResult
+from vallexd.service.voices import VoiceMaker
 from vallexd.service.worker import ModelWorker, default_loader
 from vallexd.storage.cache import ResultCache, cache_key, relative_url_path
 from vallexd.storage.presets import Preset, PresetStore
@@ -135,6 +136,7 @@ class Service:
         #: Set by the lifecycle when the HTTP API listens.
         self.http_url: str | None = None
         self._text_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vallexd-text")
+        self.voices = VoiceMaker(config, self.presets, self._text_executor)
         self._warm_up = warm_up
         self._state = "new"  # -> "loading" in start() -> "running" -> "draining" once drain() begins
         self._active = 0  # synthesize calls in progress (any stage)
@@ -181,6 +183,7 @@ class Service:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._quiet.wait(), timeout=deadline - time.monotonic())
         await self.worker.stop(max(deadline - time.monotonic(), 0.0))
+        self.voices.shutdown()
         self._text_executor.shutdown(wait=False, cancel_futures=True)
 
     def _check_accepting(self) -> None:
@@ -491,6 +494,7 @@ class Service:
             "pid": os.getpid(),
             "counters": {**self.counters, "engine_runs": self.worker.jobs_run,
                          "engine_failures": self.worker.jobs_failed, "coalesced": self._coalescer.joined},
+            "voices": self.voices.status(),
         }
 
     # ------------------------------------------------------------------ presets
@@ -505,6 +509,17 @@ class Service:
         req = validate_install(params, max_bytes=self.config.max_upload_bytes)
         preset = await asyncio.to_thread(self.presets.install, req.name, req.data, overwrite=req.overwrite)
         return {"name": preset.name, "language": preset.prompt.language, "frames": preset.prompt.num_frames}
+
+    async def presets_create(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A voice from a recording (vallexd.service.voices): its presets.list entry + transcript."""
+        self._check_accepting()
+        self._active += 1  # drain waits for it like for a synthesis
+        try:
+            return await self.voices.create(params)
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._quiet.set()
 
     async def presets_remove(self, params: dict[str, Any]) -> dict[str, Any]:
         """Remove an installed preset: NotFound if it is not in the install folder."""

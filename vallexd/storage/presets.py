@@ -27,7 +27,8 @@ from vallexd.errors import AlreadyExists, NotFound, PermissionDenied, TooLarge, 
 from vallexd.service.requests import is_valid_name, validate_name
 from vallexd.storage import prompts
 from vallexd.storage.cache import os_error
-from vallexd.storage.fsutil import fsync_dir
+from vallexd.storage.fsutil import atomic_write, fsync_dir
+from vallexd.voices.audio import KEPT_AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -154,24 +155,56 @@ class PresetStore:
             raise TooLarge(f"preset upload of {len(data)} bytes exceeds the limit of {self.max_bytes} bytes",
                            reason="UPLOAD_TOO_LARGE", details={"limit": self.max_bytes})
         # Parse first: a corrupt upload is refused before anything touches the disk.
-        prompt = prompts.prompt_from_bytes(data, name)
+        return self.install_prompt(name, prompts.prompt_from_bytes(data, name), overwrite=overwrite)
+
+    def install_prompt(self, name: str, prompt: prompts.Prompt, *, overwrite: bool = False,
+                       audio: tuple[bytes, str] | None = None) -> Preset:
+        """Write a validated prompt (and, if given, its recording: (bytes, suffix such as ".wav"))
+        atomically into the install dir; AlreadyExists unless `overwrite`.
+
+        The recording is written first and removed again if the prompt cannot be written, so a
+        failure leaves neither. A replaced preset loses the recording kept with its old version.
+        """
+        validate_name(name)
         path = self.install_dir / f"{name}{SUFFIX}"
         with self._lock:
             if not overwrite and (name in self._index or path.exists()):
                 raise AlreadyExists(f"voice {name!r} already exists; set overwrite to replace it",
                                     reason="PRESET_EXISTS", details={"name": name})
+            kept = self.install_dir / f"{name}{audio[1]}" if audio is not None else None
             try:
                 self.install_dir.mkdir(parents=True, exist_ok=True)
+                if audio is not None and kept is not None:
+                    atomic_write(kept, audio[0], mode=0o644)
                 # Write the canonical re-encoding, so the file on disk is exactly what was validated
                 # (no extra arrays riding along in the upload).
                 prompts.save_prompt(prompt, path)
             except OSError as exc:
+                if kept is not None:
+                    with contextlib.suppress(OSError):
+                        kept.unlink()
                 raise os_error(exc, f"install voice {name!r} in {self.install_dir}",
                                "PRESET_WRITE_FAILED") from None
+            self._remove_kept_audio(name, keep=kept)
             preset = Preset(name, path, prompt, prompts.prompt_digest(prompt))
             self._index = {**self._index, name: preset}
         log.info("presets: installed %r (%d frames, %s)", name, prompt.num_frames, prompt.language)
         return preset
+
+    def kept_audio(self, name: str) -> Path | None:
+        """The recording kept beside an installed preset (presets.create with keep_audio), if any."""
+        for suffix in KEPT_AUDIO_SUFFIXES:
+            candidate = self.install_dir / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def _remove_kept_audio(self, name: str, keep: Path | None = None) -> None:
+        for suffix in KEPT_AUDIO_SUFFIXES:
+            candidate = self.install_dir / f"{name}{suffix}"
+            if candidate != keep:
+                with contextlib.suppress(FileNotFoundError):
+                    candidate.unlink()
 
     def remove(self, name: str) -> None:
         """Delete an installed preset; a shadowed one from another folder becomes visible again."""
@@ -191,6 +224,7 @@ class PresetStore:
             try:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+                self._remove_kept_audio(name)
                 fsync_dir(self.install_dir)
             except OSError as exc:
                 raise os_error(exc, f"remove voice {name!r} from {self.install_dir}",
