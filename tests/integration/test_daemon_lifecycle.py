@@ -149,6 +149,9 @@ def test_static_child_restarted_after_crash(restarted: DaemonProcess) -> None:
 def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path, tiny_models) -> None:
     d = start_daemon(tmp_path / "d", tiny_models)
     child = static_child(d)
+    # The text front end warms up after the model loads (20-30 s on a busy shared box): a request
+    # queued behind that in the text thread can outlast the 30 s grace, which is not what this tests.
+    d.wait_log("text front end ready", 180)
     outcome: dict[str, Any] = {}
 
     def synthesize() -> None:
