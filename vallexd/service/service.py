@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vallexd import __version__
+from vallexd.audio.encode import decode_wav_float, encode_audio
 from vallexd.config import Config
 from vallexd.constants import SAMPLE_RATE
 from vallexd.errors import Busy, InvalidArgument, Timeout, Unavailable, VallexError
@@ -42,7 +43,8 @@ from vallexd.service.requests import (
     validate_synthesize,
 )
 from vallexd.service.result import SynthesisResult
-from vallexd.service.worker import ModelWorker, default_loader
+from vallexd.service.stream import SynthesisStream
+from vallexd.service.worker import AudioFn, ModelWorker, default_loader
 from vallexd.storage.cache import ResultCache, cache_key, relative_url_path
 from vallexd.storage.presets import Preset, PresetStore
 from vallexd.storage.wav import duration_s, wav_bytes, wav_duration_s
@@ -138,11 +140,15 @@ class Service:
         *,
         progress: ProgressCallback | None = None,
         cancelled: asyncio.Event | None = None,
+        on_audio: AudioFn | None = None,
     ) -> SynthesisResult:
         """Validate `params` (docs/protocol.md), then answer from the cache or run the model.
 
         progress(done, total) is called on the loop as pieces finish when `params["progress"]`
         is true; setting `cancelled` drops the job if queued, or stops it at the next AR step.
+        on_audio(samples) is called on the loop with float32 mono audio at `sample_rate` as it is
+        made: each piece of a miss as soon as it is vocoded, or a cache hit's whole audio at once;
+        the result then carries no audio bytes (the caller has them; see `synthesize_stream`).
         Raises VallexError: InvalidArgument / NotFound / TooLarge for the request, Busy
         (QUEUE_FULL), Timeout (DEADLINE, CANCELLED), Unavailable (draining, model not loaded,
         cache not writable for `return: path`).
@@ -151,7 +157,7 @@ class Service:
         self.counters["synthesize"] += 1
         self._active += 1
         try:
-            return await self._synthesize(params, started, progress, cancelled)
+            return await self._synthesize(params, started, progress, cancelled, on_audio)
         except Exception:  # VallexError or a bug (the transport turns the latter into INTERNAL)
             self.counters["errors"] += 1
             raise
@@ -160,8 +166,19 @@ class Service:
             if not self._active:
                 self._quiet.set()
 
+    def synthesize_stream(self, params: dict[str, Any], *, progress: ProgressCallback | None = None,
+                          cancelled: asyncio.Event | None = None) -> SynthesisStream:
+        """A synthesis whose audio is iterated piece by piece (see `SynthesisStream`).
+
+        The params are validated now (InvalidArgument / TooLarge raised before any work); the
+        synthesis starts when the stream is entered with `async with`.
+        """
+        req = validate_synthesize(params, max_text_chars=self.config.max_text_chars)
+        return SynthesisStream(self, params, req, progress=progress, cancelled=cancelled,
+                               sample_rate=self._sample_rate())
+
     async def _synthesize(self, params: Any, started: float, progress: ProgressCallback | None,
-                          cancelled: asyncio.Event | None) -> SynthesisResult:
+                          cancelled: asyncio.Event | None, on_audio: AudioFn | None) -> SynthesisResult:
         self._check_accepting()
         _raise_if_cancelled(cancelled)
         req = validate_synthesize(params, max_text_chars=self.config.max_text_chars)
@@ -169,21 +186,25 @@ class Service:
         key = self._cache_key(req, preset)
         want_audio = req.return_mode == "audio"
         if not req.fresh:
-            hit = await asyncio.to_thread(self._read_hit, key, want_audio)
+            # A hit that is streamed needs its bytes even for `return: path`.
+            hit = await asyncio.to_thread(self._read_hit, key, want_audio or on_audio is not None)
             if hit is not None:
                 self.counters["cache_hits"] += 1
                 data, path, seconds = hit
-                return self._result(key, data, path, seconds, cached=True, pieces=0, started=started)
+                if on_audio is not None and data is not None:
+                    on_audio(await asyncio.to_thread(decode_wav_float, data))
+                return await self._result(req, key, data, path, seconds, cached=True, pieces=0,
+                                          started=started, streamed=on_audio is not None)
 
         pieces = await self._prepare(req, started, cancelled)
         text_done = time.monotonic()
-        audio = await self._run_model(req, preset, pieces, started, progress, cancelled)
+        audio = await self._run_model(req, preset, pieces, started, progress, cancelled, on_audio)
         model_done = time.monotonic()
         rate = self._sample_rate()
         data = await asyncio.to_thread(wav_bytes, audio, rate)
         path = await self._store(key, data, want_audio)
-        result = self._result(key, data if want_audio else None, path, duration_s(len(audio), rate),
-                              cached=False, pieces=len(pieces), started=started)
+        result = await self._result(req, key, data, path, duration_s(len(audio), rate), cached=False,
+                                    pieces=len(pieces), started=started, streamed=on_audio is not None)
         result.timings.update(text_ms=_ms(text_done - started), model_ms=_ms(model_done - text_done))
         return result
 
@@ -218,7 +239,7 @@ class Service:
 
     async def _run_model(self, req: SynthesisRequest, preset: Preset | None, pieces: list[Piece],
                          started: float, progress: ProgressCallback | None,
-                         cancelled: asyncio.Event | None) -> np.ndarray:
+                         cancelled: asyncio.Event | None, on_audio: AudioFn | None) -> np.ndarray:
         """Queue the pieces on the worker; progress events go out before this returns."""
         pending: list[asyncio.Future[Any]] = []
         report = None
@@ -235,6 +256,7 @@ class Service:
             pieces, preset.prompt if preset is not None else None,
             Sampling(top_k=req.top_k, temperature=req.temperature, seed=req.seed),
             timeout_s=remaining, progress=report, cancelled=cancelled,
+            **({"on_audio": on_audio} if on_audio is not None else {}),
         )
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -325,14 +347,23 @@ class Service:
             raise empty or InvalidArgument("text is empty", reason="EMPTY_TEXT", details={"field": "text"})
         return pieces
 
-    def _result(self, key: str, data: bytes | None, path: Path | None, seconds: float, *, cached: bool,
-                pieces: int, started: float) -> SynthesisResult:
+    async def _result(self, req: SynthesisRequest, key: str, data: bytes | None, path: Path | None,
+                      seconds: float, *, cached: bool, pieces: int, started: float,
+                      streamed: bool) -> SynthesisResult:
+        """The result; its audio is the WAV `data` encoded to the request's format and speed
+        (None for `return: path`, or when the audio was streamed through on_audio)."""
         url = None
         if self.static_base_url and path is not None:
             url = f"{self.static_base_url.rstrip('/')}/{relative_url_path(key)}"
+        rate = self._sample_rate()
+        audio = data if req.return_mode == "audio" and not streamed else None
+        if audio is not None and (req.format != "wav" or req.speed != 1.0):
+            wav, fmt, speed = audio, req.format, req.speed
+            audio = await asyncio.to_thread(
+                lambda: encode_audio(decode_wav_float(wav), fmt, rate, speed=speed))
         return SynthesisResult(
-            cache_key=key, duration_s=round(seconds, 3), sample_rate=self._sample_rate(), cached=cached,
-            pieces=pieces, path=path, url=url, audio=data,
+            cache_key=key, duration_s=round(seconds / req.speed, 3), sample_rate=rate, cached=cached,
+            pieces=pieces, path=path, url=url, audio=audio, format=req.format,
             timings={"total_ms": _ms(time.monotonic() - started)},
         )
 

@@ -37,6 +37,8 @@ from vallexd.types import Piece, Sampling
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+#: on_audio(samples): one piece's float32 audio at 24 kHz, called on the event loop, in order.
+AudioFn = Callable[[np.ndarray], None]
 
 
 @dataclass(eq=False)
@@ -47,6 +49,7 @@ class Job:
     deadline: float  # time.monotonic() value
     future: asyncio.Future[np.ndarray]
     progress: ProgressFn | None = None
+    on_audio: AudioFn | None = None
     abandon: threading.Event = field(default_factory=threading.Event)
 
     def should_stop(self) -> bool:
@@ -161,8 +164,13 @@ class ModelWorker:
         timeout_s: float,
         progress: ProgressFn | None = None,
         cancelled: asyncio.Event | None = None,
+        on_audio: AudioFn | None = None,
     ) -> np.ndarray:
-        """Queue one synthesis and wait for its float audio."""
+        """Queue one synthesis and wait for its float audio (the concatenation of its pieces).
+
+        on_audio(samples) is called on the event loop with each piece's float32 24 kHz audio, in
+        order, as soon as that piece is vocoded, and never after this returns or raises.
+        """
         if not self._accepting or self._loop is None or self._wakeup is None or self._idle is None:
             raise Unavailable("the daemon is shutting down" if self.engine else "the model is not loaded",
                               reason="SHUTTING_DOWN" if self.engine else "MODEL_NOT_LOADED")
@@ -171,7 +179,7 @@ class ModelWorker:
             raise Busy(f"the queue is full ({self.queue_limit} waiting); retry later", reason="QUEUE_FULL",
                        details={"queue_limit": self.queue_limit})
         job = Job(list(pieces), prompt, sampling, time.monotonic() + timeout_s, self._loop.create_future(),
-                  progress)
+                  progress, on_audio)
         self._waiting.append(job)
         self._idle.clear()
         self._wakeup.set()
@@ -269,6 +277,25 @@ class ModelWorker:
                 loop.call_soon_threadsafe(deliver, done, total)
 
         self.jobs_run += 1
+        extra: dict[str, Any] = {}
+        if job.on_audio is not None:
+            extra["on_audio"] = self._audio_relay(job, loop)
         audio = self.engine.synthesize(job.pieces, job.prompt, job.sampling, progress=progress,
-                                       should_stop=job.should_stop)
+                                       should_stop=job.should_stop, **extra)
         return np.asarray(audio, dtype=np.float32)
+
+    @staticmethod
+    def _audio_relay(job: Job, loop: asyncio.AbstractEventLoop) -> AudioFn:
+        """The model-thread callback that hands each piece's audio to job.on_audio on the loop."""
+        sink, future = job.on_audio, job.future
+        assert sink is not None
+
+        def deliver(samples: np.ndarray) -> None:
+            # Like progress: nothing goes out once the job is over (cancelled, timed out).
+            if not future.done():
+                sink(samples)
+
+        def relay(samples: np.ndarray) -> None:
+            loop.call_soon_threadsafe(deliver, np.asarray(samples, dtype=np.float32))
+
+        return relay
