@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vallexd.errors import InvalidArgument
 from vallexd.protocol import DEFAULT_MAX_REQUEST_FRAME
+
+#: OpenAI's voice names -> presets of the catalogue (English speakers), for clients that only
+#: know those names (`voice_aliases` replaces or extends the table; `vallexctl preset install NAME`).
+DEFAULT_VOICE_ALIASES: dict[str, str] = {
+    "alloy": "acou_1", "ash": "acou_2", "ballad": "acou_3", "coral": "acou_4",
+    "echo": "librispeech_1", "fable": "vctk_1", "onyx": "librispeech_2", "nova": "vctk_2",
+    "sage": "librispeech_3", "shimmer": "vctk_3", "verse": "librispeech_4", "marin": "vctk_4",
+    "cedar": "neutral",
+}
 
 
 class ConfigError(InvalidArgument):
@@ -52,6 +61,8 @@ class Config:
     # Extras beyond the architecture contract:
     max_upload_bytes: int = 4 * 1024 * 1024  # a 15 s prompt is ~75 KB; this leaves ample room
     long_budget: int | None = None  # phoneme budget per piece for long text; None = front-end default
+    # OpenAI voice name -> preset, for /v1/audio/speech (the defaults merged with the configured ones).
+    voice_aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VOICE_ALIASES))
 
     @property
     def presets_install_dir(self) -> Path:

@@ -151,7 +151,7 @@ class Daemon:
             try:
                 self.http = HttpApi(self.service, host=cfg.http_host, port=cfg.http_port,
                                     token=cfg.http_token, cors_origins=cfg.http_cors_origins,
-                                    max_body=cfg.http_max_body)
+                                    max_body=cfg.http_max_body, voice_aliases=cfg.voice_aliases)
                 await self.http.start()
             except VallexError as exc:
                 raise StartupError(str(exc.message), exit_code=2) from None
