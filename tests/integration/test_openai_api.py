@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import av
 import numpy as np
 import pytest
-from daemon_harness import DaemonProcess
+from daemon_harness import DaemonProcess, daemon_env
 
 from vallexd.audio.encode import FORMATS
 from vallexd.constants import SAMPLE_RATE
@@ -239,3 +241,48 @@ def test_v1_synthesize_takes_format(daemon: DaemonProcess, tmp_path: Path) -> No
     with urllib.request.urlopen(req, timeout=60) as resp:
         assert resp.headers["Content-Type"] == "audio/aac"
         assert decode(resp.read(), "aac")[1] > 0
+
+
+# --------------------------------------------------------------------------- vallexctl speak --stream
+
+VALLEXCTL = Path(sys.executable).with_name("vallexctl")
+
+
+def ctl_proc(daemon: DaemonProcess, *args: str, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run([str(VALLEXCTL), "--socket", str(daemon.socket_path), *args], capture_output=True,
+                          timeout=180, env=env or daemon_env())
+
+
+def test_speak_stream_to_opus_file(daemon: DaemonProcess, tmp_path: Path) -> None:
+    out = tmp_path / "x.opus"
+    done = ctl_proc(daemon, "speak", "--stream", "-v", PRESET, "-l", "en", "--seed", "31", "-o", str(out),
+                    LONG_TEXT)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.opus"]  # no .part left behind
+    rate, samples = decode(out.read_bytes(), "opus")  # the format came from the extension
+    assert rate == 48000 and abs(samples // 2 - wav_samples(daemon, LONG_TEXT, seed=31)) <= TOLERANCE["opus"]
+
+
+def test_speak_stream_failure_leaves_no_file(daemon: DaemonProcess, tmp_path: Path) -> None:
+    out = tmp_path / "y.flac"
+    done = ctl_proc(daemon, "speak", "--stream", "-v", "nobody", "-o", str(out), "Hi.")
+    assert done.returncode != 0 and list(tmp_path.iterdir()) == []
+
+
+def test_speak_stream_play_starts_with_the_first_piece(daemon: DaemonProcess, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    played, status = tmp_path / "played.pcm", tmp_path / "status.json"
+    # Stands in for paplay: on its first byte it asks the daemon whether the synthesis still runs.
+    player = bin_dir / "paplay"
+    player.write_text(f"#!/bin/sh\ndd bs=1 count=1 of={played} 2>/dev/null\n"
+                      f"{VALLEXCTL} --socket {daemon.socket_path} --json status > {status}\n"
+                      f"cat >> {played}\n")
+    player.chmod(0o755)
+    env = daemon_env({"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    done = ctl_proc(daemon, "speak", "--stream", "--play", "-v", PRESET, "-l", "en", "--seed", "32",
+                    LONG_TEXT, env=env)
+    assert done.returncode == 0, done.stderr
+    state = json.loads(status.read_text())
+    assert state["in_flight"] == 1, "playback began only after the whole synthesis"
+    assert len(played.read_bytes()) // 2 == wav_samples(daemon, LONG_TEXT, seed=32)  # raw s16le

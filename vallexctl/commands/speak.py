@@ -1,7 +1,12 @@
-"""`vallexctl speak`: text in, WAV out (file, stdout, speakers, or just the cache path)."""
+"""`vallexctl speak`: text in, audio out (file, stdout, speakers, or just the cache path).
+
+WAV unless --format (or -o's extension) asks for mp3/opus/aac/flac/pcm; --stream writes and plays
+the audio as the daemon sends it, piece by piece (vallexctl/commands/speak_stream.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -11,6 +16,7 @@ from typing import Any
 
 import click
 
+from vallexctl.commands.speak_stream import StreamSinks, find_stream_player, infer_format
 from vallexctl.context import state
 from vallexctl.output import (
     ProgressLine,
@@ -21,8 +27,10 @@ from vallexctl.output import (
     stderr_is_tty,
     write_file_atomic,
 )
+from vallexd.audio.encode import EXTENSIONS, FORMATS
 from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
 from vallexd.errors import InvalidArgument, NotFound, ProtocolError
+from vallexd.storage.fsutil import atomic_open
 
 # Players tried in order; each gets the WAV path as its last argument.
 PLAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -77,16 +85,22 @@ def speak_params(text: str, *, voice: str | None, language: str, accent: str, lo
               help="Sample from the k likeliest codes; 0 disables top-k.")
 @click.option("--temperature", type=click.FloatRange(0.01, 10), default=1.0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the WAV here (atomically).")
+              help="Write the audio here (atomically); its extension picks the format.")
 @click.option("--stdout", "to_stdout", is_flag=True,
-              help="Write the WAV bytes to stdout (not to a terminal).")
+              help="Write the audio bytes to stdout (not to a terminal).")
 @click.option("--play", is_flag=True, help="Play it (paplay, aplay, ffplay or afplay).")
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS),
+              help="Audio format [default: from -o's extension (.mp3 .opus .ogg .aac .flac .wav .pcm), "
+                   "else wav].")
+@click.option("--stream", is_flag=True,
+              help="Write/play the audio as each piece is ready: --play starts with the first piece; "
+                   "-o still appears only when complete.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress of long text on stderr [default: when stderr is a terminal].")
 @json_option
 def speak(text: str | None, voice: str | None, language: str, accent: str, long: bool | None,
           seed: int | None, top_k: int, temperature: float, output: Path | None, to_stdout: bool,
-          play: bool, progress: bool | None) -> None:
+          play: bool, fmt: str | None, stream: bool, progress: bool | None) -> None:
     """Speak TEXT (or stdin) with vallexd.
 
     Without -o/--stdout/--play it prints where the daemon cached the WAV
@@ -102,7 +116,15 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
         raise click.UsageError(
             "refusing to write WAV bytes to a terminal: redirect stdout (> file.wav) or use -o FILE"
         )
-    player = find_player() if play else None  # fail before the (slow) synthesis, not after
+    if stream and not (output or to_stdout or play):
+        raise click.UsageError("--stream needs somewhere to send the audio: -o FILE, --stdout or --play")
+    fmt = infer_format(output, fmt)
+    player = None  # fail before the (slow) synthesis, not after
+    if play and stream:
+        # Only playing: let the player pick what it reads best (raw pcm for paplay/aplay).
+        player, fmt = find_stream_player(None if output is None and not to_stdout and fmt == "wav" else fmt)
+    elif play:
+        player = find_player()
     if output is not None:
         check_writable_dir(output)
     text = read_text(text)
@@ -116,6 +138,8 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
     want_audio = bool(output or to_stdout or play)
     params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
                           top_k=top_k, temperature=temperature, want_audio=want_audio)
+    if fmt != "wav":
+        params["format"] = fmt
     show = ProgressLine("speaking", enabled=stderr_is_tty() if progress is None else progress, unit="pieces")
 
     def on_event(name: str, data: dict[str, Any]) -> None:
@@ -123,6 +147,12 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
         if name == "progress" and total > 1:  # one piece is not worth a progress line
             show(int(data.get("done") or 0), total)
 
+
+    if stream:
+        params["stream"] = True
+        result = _speak_streamed(params, on_event, output, to_stdout, player)
+        _report(result, as_json=as_json, output=output, to_stdout=to_stdout, play=play)
+        return
 
     with state().client() as c:
         result = c.call("synthesize", params, on_event=on_event)
@@ -138,15 +168,50 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
         out.write(bytes(audio))  # type: ignore[arg-type]
         out.flush()
     if player is not None:
-        with tempfile.NamedTemporaryFile(suffix=".wav", prefix="vallexctl-") as tmp:
+        with tempfile.NamedTemporaryFile(suffix=f".{EXTENSIONS[fmt]}", prefix="vallexctl-") as tmp:
             tmp.write(bytes(audio))  # type: ignore[arg-type]
             tmp.flush()
             done = subprocess.run([*player, tmp.name], check=False)
         if done.returncode != 0:
             note(f"vallexctl: {Path(player[0]).name} exited with status {done.returncode}")
 
+    _report(result, as_json=as_json, output=output, to_stdout=to_stdout, play=play)
+
+
+def _speak_streamed(params: dict[str, Any], on_event: Any, output: Path | None, to_stdout: bool,
+                    player: list[str] | None) -> dict[str, Any]:
+    """synthesize with stream: true; each `audio` event's bytes go to the file, stdout and player
+    at once. The file is a temp file beside -o, renamed over it only once the audio is complete."""
+    with contextlib.ExitStack() as stack:
+        file = stack.enter_context(atomic_open(output, mode=None, suffix=".part")) if output else None
+        sinks = StreamSinks(file=file, stdout=click.get_binary_stream("stdout") if to_stdout else None,
+                            player=player)
+
+        def on_stream_event(name: str, data: dict[str, Any]) -> None:
+            if name == "audio":
+                sinks.on_audio(data)
+            else:
+                on_event(name, data)
+
+        try:
+            with state().client() as c:
+                result = c.call("synthesize", params, on_event=on_stream_event)
+        finally:
+            status = sinks.close()
+        if status:
+            assert player is not None
+            note(f"vallexctl: {Path(player[0]).name} exited with status {status}")
+        if not sinks.chunks:
+            raise ProtocolError("the daemon sent no audio events", reason="NO_AUDIO")
+    if output is not None:
+        result["output"] = str(output.resolve())
+    return result
+
+
+def _report(result: dict[str, Any], *, as_json: bool, output: Path | None, to_stdout: bool,
+            play: bool) -> None:
     if to_stdout:
-        return  # stdout carries the WAV; nothing else may go there
+        return  # stdout carries the audio; nothing else may go there
     summary = (f"{result.get('duration_s', 0):.2f} s, {result.get('pieces', 1)} piece(s)"
                f"{', from cache' if result.get('cached') else ''}")
     if as_json:
