@@ -114,6 +114,18 @@ def test_atempo_stages_stay_in_range(speed: float) -> None:
     assert np.isclose(np.prod(factors), speed)
 
 
+@pytest.mark.parametrize("fmt", ["pcm", "opus"])
+def test_speed_does_not_hold_back_a_piece(fmt: str) -> None:
+    """atempo answers a frame when the next arrives: the encoder feeds it small frames, so the
+    first piece's audio comes out with that piece, not with the next."""
+    enc = Encoder(fmt, RATE, speed=2.0)
+    first = enc.feed(tone(1.0))
+    if fmt == "pcm":
+        assert len(first) // 2 >= RATE // 2 - 2048  # ~0.5 s of output for 1 s in, less one frame
+    else:
+        assert len(first) > 1000
+
+
 def test_streamed_speed_matches_whole() -> None:
     audio = tone(1.2)
     enc = Encoder("pcm", RATE, speed=2.0)
