@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from vallexd.audio.encode import FORMATS, Encoder, encode_audio
+from vallexd.audio.encode import Encoder, encode_audio
+from vallexd.audio.formats import FORMATS
 from vallexd.constants import SAMPLE_RATE
 
 

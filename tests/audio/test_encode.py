@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 
 from vallexd.audio.encode import (
-    CONTENT_TYPES,
-    FORMATS,
     Encoder,
     atempo_factors,
     encode_audio,
     streaming_wav_header,
 )
+from vallexd.audio.formats import CONTENT_TYPES, FORMATS
 from vallexd.errors import InvalidArgument
 from vallexd.storage.wav import read_pcm16, wav_bytes
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from daemon_harness import DaemonProcess, daemon_env
 
-from vallexd.audio.encode import FORMATS
+from vallexd.audio.formats import CONTENT_TYPES, FORMATS
 from vallexd.constants import SAMPLE_RATE
 from vallexd.storage.prompts import Prompt, save_prompt
 from vallexd.storage.wav import read_pcm16
@@ -77,7 +77,7 @@ def test_every_format_decodes_to_the_wav_duration(daemon: DaemonProcess, client:
     expected = wav_samples(daemon, text, seed=5)
     response = client.audio.speech.create(model="tts-1", voice=PRESET, input=text, response_format=fmt,
                                           extra_body={"language": "en", "seed": 5})
-    from vallexd.audio.encode import CONTENT_TYPES
+
 
     assert response.response.headers["content-type"] == CONTENT_TYPES[fmt]
     rate, samples = decode(response.content, fmt)

@@ -27,7 +27,7 @@ from vallexctl.output import (
     stderr_is_tty,
     write_file_atomic,
 )
-from vallexd.audio.encode import EXTENSIONS, FORMATS
+from vallexd.audio.formats import EXTENSIONS, FORMATS
 from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
 from vallexd.errors import InvalidArgument, NotFound, ProtocolError
 from vallexd.storage.fsutil import atomic_open

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import IO, Any
 
-from vallexd.audio.encode import FORMATS
+from vallexd.audio.formats import FORMATS
 from vallexd.constants import SAMPLE_RATE
 from vallexd.errors import NotFound, ProtocolError
 

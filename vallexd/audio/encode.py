@@ -23,23 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from vallexd.audio.formats import CONTENT_TYPES, check_format, check_speed
 from vallexd.constants import SAMPLE_RATE
-from vallexd.errors import InvalidArgument
 from vallexd.storage.wav import SAMPLE_WIDTH, to_pcm16, wav_bytes
 
-FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
-#: What HTTP answers carry for each format (opus is in an Ogg container; pcm is raw s16le).
-CONTENT_TYPES = {
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "aac": "audio/aac",
-    "flac": "audio/flac",
-    "wav": "audio/wav",
-    "pcm": "audio/pcm",
-}
-#: File name extensions, for clients that pick a format from an output path.
-EXTENSIONS = {"mp3": "mp3", "opus": "opus", "aac": "aac", "flac": "flac", "wav": "wav", "pcm": "pcm"}
-MIN_SPEED, MAX_SPEED = 0.25, 4.0
 # format -> (FFmpeg muxer, encoder, muxer options)
 _FFMPEG = {
     "mp3": ("mp3", "libmp3lame", {}),
@@ -53,25 +40,6 @@ _BITRATES = {"mp3": 64_000, "opus": 32_000, "aac": 64_000}  # mono speech at 24 
 # One atempo stage keeps its best quality within 0.5..2.0; further factors are chained.
 _ATEMPO_MIN, _ATEMPO_MAX = 0.5, 2.0
 _TEMPO_FRAME = 1024  # samples per frame pushed into atempo (~43 ms at 24 kHz)
-
-
-def check_format(fmt: Any, field: str = "format") -> str:
-    """`fmt` if it is one of FORMATS, else InvalidArgument(BAD_VALUE) naming `field`."""
-    if not isinstance(fmt, str) or fmt not in FORMATS:
-        shown = fmt[:40] if isinstance(fmt, str) else type(fmt).__name__
-        raise InvalidArgument(f"{field} must be one of {', '.join(FORMATS)}, got {shown!r}",
-                              reason="BAD_VALUE", details={"field": field, "allowed": list(FORMATS)})
-    return fmt
-
-
-def check_speed(speed: Any, field: str = "speed") -> float:
-    """`speed` as a float within 0.25..4.0, else InvalidArgument (BAD_TYPE / OUT_OF_RANGE)."""
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-        raise InvalidArgument(f"{field} must be a number", reason="BAD_TYPE", details={"field": field})
-    if not MIN_SPEED <= float(speed) <= MAX_SPEED:
-        raise InvalidArgument(f"{field} must be within {MIN_SPEED:g}..{MAX_SPEED:g}", reason="OUT_OF_RANGE",
-                              details={"field": field})
-    return float(speed)
 
 
 def atempo_factors(speed: float) -> list[float]:

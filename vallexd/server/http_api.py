@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vallexd.audio.encode import CONTENT_TYPES
+from vallexd.audio.formats import CONTENT_TYPES
 from vallexd.config.settings import DEFAULT_VOICE_ALIASES
 from vallexd.errors import (
     ErrorCode,

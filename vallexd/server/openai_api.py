@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from vallexd.audio.encode import CONTENT_TYPES
+from vallexd.audio.formats import CONTENT_TYPES
 from vallexd.constants import HOP
 from vallexd.errors import InvalidArgument, NotFound, VallexError
 from vallexd.server.transport import to_openai_error, to_wire_error
@@ -192,6 +192,11 @@ async def _prepare(http: HttpApi, request: web.Request, headers: dict[str, str])
     return response
 
 
+def _gone(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    log.info("HTTP %s %s: the client went away mid-stream", request.method, request.path)
+    return response
+
+
 async def write_audio_stream(http: HttpApi, request: web.Request, stream: SynthesisStream,
                              headers: dict[str, str]) -> web.StreamResponse:
     """Chunked audio: the first bytes go out as soon as the first piece is encoded."""
@@ -202,8 +207,10 @@ async def write_audio_stream(http: HttpApi, request: web.Request, stream: Synthe
             await response.write(first.data)
             async for chunk in chunks:
                 await response.write(chunk.data)
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             raise
+        except ConnectionError:
+            return _gone(request, response)  # leaving the `async with` cancels the rest
         except Exception as exc:
             # Too late for an error status: cut the connection so the client sees a broken
             # transfer, never a short file that looks complete.
@@ -232,8 +239,10 @@ async def write_sse(http: HttpApi, request: web.Request, stream: SynthesisStream
                     await response.write(sse_event({"type": "speech.audio.delta",
                                                     "audio": base64.b64encode(chunk.data).decode()}))
                 chunk = await anext(chunks, None)
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             raise
+        except ConnectionError:
+            return _gone(request, response)
         except Exception as exc:
             err = to_wire_error(exc, "HTTP SSE stream")
             await response.write(sse_event({"type": "error", **to_openai_error(err, PARAM_NAMES)}))

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vallexd.audio.encode import check_format, check_speed
+from vallexd.audio.formats import check_format, check_speed
 from vallexd.constants import ACCENTS, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, REQUEST_LANGUAGES
 from vallexd.errors import InvalidArgument, TooLarge
 
