@@ -149,3 +149,19 @@ async def test_formats_on_synthesize(tmp_path: Path, engine: Any) -> None:
         assert fast.duration_s == pytest.approx(wav.duration_s / 2, abs=0.002)
     finally:
         await service.drain(1.0)
+
+
+@pytest.mark.parametrize("params, field, reason", [
+    ({"format": "ogg"}, "format", "BAD_VALUE"),
+    ({"speed": 5}, "speed", "OUT_OF_RANGE"),
+    ({"speed": True}, "speed", "BAD_TYPE"),
+    ({"stream": 1}, "stream", "BAD_TYPE"),
+    ({"return": "path", "format": "mp3"}, "format", "BAD_VALUE"),  # the path is the cached WAV
+])
+def test_format_speed_stream_validation(params: dict[str, Any], field: str, reason: str) -> None:
+    from vallexd.errors import InvalidArgument
+    from vallexd.service.requests import validate_synthesize
+
+    with pytest.raises(InvalidArgument) as err:
+        validate_synthesize({"text": "Hi.", **params}, max_text_chars=100)
+    assert err.value.details["field"] == field and err.value.reason == reason
