@@ -200,7 +200,8 @@ def test_client_disconnect_mid_stream_frees_the_worker(daemon: DaemonProcess, cl
         model="tts-1", voice=PRESET, input=LONG_TEXT + " And one more.", response_format="mp3",
         stream_format="audio", extra_body={"language": "en", "seed": 23},
     ) as response:
-        next(response.iter_bytes())
+        chunks = response.iter_bytes()  # held: a dropped generator would close the response now
+        next(chunks)
         assert _running(daemon)
     # Leaving the block closed the connection: the job is cancelled, not run to its end.
     deadline = time.monotonic() + 30
