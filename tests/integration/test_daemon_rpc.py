@@ -290,7 +290,7 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], str]] = [
     ("seed as string", "synthesize", {"text": "a", "seed": "1"}, "INVALID_ARGUMENT"),
     ("bool as int", "synthesize", {"text": "a", "top_k": True}, "INVALID_ARGUMENT"),
     ("temperature zero", "synthesize", {"text": "a", "temperature": 0}, "INVALID_ARGUMENT"),
-    ("unknown field", "synthesize", {"text": "a", "speed": 2}, "INVALID_ARGUMENT"),
+    ("unknown field", "synthesize", {"text": "a", "pitch": 2}, "INVALID_ARGUMENT"),
     ("language", "synthesize", {"text": "a", "language": "xx"}, "INVALID_ARGUMENT"),
     ("voice traversal", "synthesize", {"text": "a", "voice": "../../etc/passwd"}, "INVALID_ARGUMENT"),
     ("voice with slash", "synthesize", {"text": "a", "voice": "a/b"}, "INVALID_ARGUMENT"),

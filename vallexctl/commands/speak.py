@@ -1,7 +1,12 @@
-"""`vallexctl speak`: text in, WAV out (file, stdout, speakers, or just the cache path)."""
+"""`vallexctl speak`: text in, audio out (file, stdout, speakers, or just the cache path).
+
+WAV unless --format (or -o's extension) asks for mp3/opus/aac/flac/pcm; --stream writes and plays
+the audio as the daemon sends it, piece by piece (vallexctl/commands/speak_stream.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -12,6 +17,7 @@ from typing import Any
 import click
 
 from vallexctl.client import Client, EventHandler
+from vallexctl.commands.speak_stream import StreamSinks, find_stream_player, infer_format
 from vallexctl.context import state
 from vallexctl.output import (
     ProgressLine,
@@ -22,8 +28,10 @@ from vallexctl.output import (
     stderr_is_tty,
     write_file_atomic,
 )
+from vallexd.audio.formats import EXTENSIONS, FORMATS
 from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
 from vallexd.errors import InvalidArgument, NotFound, ProtocolError, Unavailable, VallexError
+from vallexd.storage.fsutil import atomic_open
 
 # Players tried in order; each gets the WAV path as its last argument.
 PLAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -102,16 +110,22 @@ def call_when_ready(client: Client, method: str, params: dict[str, Any], *,
               help="Sample from the k likeliest codes; 0 disables top-k.")
 @click.option("--temperature", type=click.FloatRange(0.01, 10), default=1.0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the WAV here (atomically).")
+              help="Write the audio here (atomically); its extension picks the format.")
 @click.option("--stdout", "to_stdout", is_flag=True,
-              help="Write the WAV bytes to stdout (not to a terminal).")
+              help="Write the audio bytes to stdout (not to a terminal).")
 @click.option("--play", is_flag=True, help="Play it (paplay, aplay, ffplay or afplay).")
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS),
+              help="Audio format [default: from -o's extension (.mp3 .opus .ogg .aac .flac .wav .pcm), "
+                   "else wav].")
+@click.option("--stream", is_flag=True,
+              help="Write/play the audio as each piece is ready: --play starts with the first piece; "
+                   "-o still appears only when complete.")
 @click.option("--progress/--no-progress", default=None,
               help="Show progress of long text on stderr [default: when stderr is a terminal].")
 @json_option
 def speak(text: str | None, voice: str | None, language: str, accent: str, long: bool | None,
           seed: int | None, fresh: bool, top_k: int, temperature: float, output: Path | None,
-          to_stdout: bool, play: bool, progress: bool | None) -> None:
+          to_stdout: bool, play: bool, fmt: str | None, stream: bool, progress: bool | None) -> None:
     """Speak TEXT (or stdin) with vallexd.
 
     Without -o/--stdout/--play it prints where the daemon cached the WAV
@@ -119,20 +133,40 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
     waited for (up to --timeout, default 300 s).
     """
     _check_destinations(output, to_stdout)
-    player = find_player() if play else None  # fail before the (slow) synthesis, not after
+    if stream and not (output or to_stdout or play):
+        raise click.UsageError("--stream needs somewhere to send the audio: -o FILE, --stdout or --play")
+    fmt = infer_format(output, fmt)
+    player, fmt = _find_player(play, stream, fmt, output, to_stdout)  # before the (slow) synthesis
     text = _read_checked_text(text, voice)
     want_audio = bool(output or to_stdout or play)
     params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
                           top_k=top_k, temperature=temperature, want_audio=want_audio)
     if fresh:
         params["fresh"] = True
-    result = _synthesize(params, progress)
-    audio = result.pop("audio", None)
-    if want_audio and not isinstance(audio, (bytes, bytearray)):
-        raise ProtocolError("the daemon sent no audio", reason="NO_AUDIO")
-    _deliver(bytes(audio or b""), result, output=output, to_stdout=to_stdout, player=player)
-    if not to_stdout:  # stdout carries the WAV; nothing else may go there
+    if fmt != "wav":
+        params["format"] = fmt
+    if stream:
+        params["stream"] = True
+        result = _speak_streamed(params, progress, output, to_stdout, player)
+    else:
+        result = _synthesize(params, progress)
+        audio = result.pop("audio", None)
+        if want_audio and not isinstance(audio, (bytes, bytearray)):
+            raise ProtocolError("the daemon sent no audio", reason="NO_AUDIO")
+        _deliver(bytes(audio or b""), result, output=output, to_stdout=to_stdout, player=player, fmt=fmt)
+    if not to_stdout:  # stdout carries the audio; nothing else may go there
         _report(result, output=output, play=play)
+
+
+def _find_player(play: bool, stream: bool, fmt: str, output: Path | None,
+                 to_stdout: bool) -> tuple[list[str] | None, str]:
+    """The player command (None without --play) and the format to ask for."""
+    if not play:
+        return None, fmt
+    if stream:
+        # Only playing: let the player pick what it reads best (raw pcm for paplay/aplay).
+        return find_stream_player(None if output is None and not to_stdout and fmt == "wav" else fmt)
+    return find_player(), fmt
 
 
 def _check_destinations(output: Path | None, to_stdout: bool) -> None:
@@ -161,8 +195,8 @@ def _read_checked_text(text: str | None, voice: str | None) -> str:
     return text
 
 
-def _synthesize(params: dict[str, Any], progress: bool | None) -> dict[str, Any]:
-    """Ask the daemon (waiting for a model that still loads), with a progress line for long text."""
+def _progress_events(progress: bool | None) -> EventHandler:
+    """An event handler that draws a progress line for long text on stderr."""
     show = ProgressLine("speaking", enabled=stderr_is_tty() if progress is None else progress, unit="pieces")
 
     def on_event(name: str, data: dict[str, Any]) -> None:
@@ -170,13 +204,50 @@ def _synthesize(params: dict[str, Any], progress: bool | None) -> dict[str, Any]
         if name == "progress" and total > 1:  # one piece is not worth a progress line
             show(int(data.get("done") or 0), total)
 
+    return on_event
+
+
+def _synthesize(params: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+    """Ask the daemon (waiting for a model that still loads), with a progress line for long text."""
     with state().client() as c:
-        return call_when_ready(c, "synthesize", params, on_event=on_event)
+        return call_when_ready(c, "synthesize", params, on_event=_progress_events(progress))
+
+
+def _speak_streamed(params: dict[str, Any], progress: bool | None, output: Path | None, to_stdout: bool,
+                    player: list[str] | None) -> dict[str, Any]:
+    """synthesize with stream: true; each `audio` event's bytes go to the file, stdout and player
+    at once. The file is a temp file beside -o, renamed over it only once the audio is complete."""
+    on_event = _progress_events(progress)
+    with contextlib.ExitStack() as stack:
+        file = stack.enter_context(atomic_open(output, mode=None, suffix=".part")) if output else None
+        sinks = StreamSinks(file=file, stdout=click.get_binary_stream("stdout") if to_stdout else None,
+                            player=player)
+
+        def on_stream_event(name: str, data: dict[str, Any]) -> None:
+            if name == "audio":
+                sinks.on_audio(data)
+            else:
+                on_event(name, data)
+
+        try:
+            with state().client() as c:
+                result = call_when_ready(c, "synthesize", params, on_event=on_stream_event)
+        finally:
+            status = sinks.close()
+        if status:
+            assert player is not None
+            raise VallexError(f"{Path(player[0]).name} exited with status {status}; check the audio "
+                              "device, or write a file with -o FILE", reason="PLAYER_FAILED")
+        if not sinks.chunks:
+            raise ProtocolError("the daemon sent no audio events", reason="NO_AUDIO")
+    if output is not None:
+        result["output"] = str(output.resolve())
+    return result
 
 
 def _deliver(audio: bytes, result: dict[str, Any], *, output: Path | None, to_stdout: bool,
-             player: list[str] | None) -> None:
-    """Write the WAV to the file, stdout and/or the player; a failing player is an error (exit 1)."""
+             player: list[str] | None, fmt: str) -> None:
+    """Write the audio to the file, stdout and/or the player; a failing player is an error (exit 1)."""
     if output is not None:
         write_file_atomic(output, audio)
         result["output"] = str(output.resolve())
@@ -185,7 +256,7 @@ def _deliver(audio: bytes, result: dict[str, Any], *, output: Path | None, to_st
         out.write(audio)
         out.flush()
     if player is not None:
-        with tempfile.NamedTemporaryFile(suffix=".wav", prefix="vallexctl-") as tmp:
+        with tempfile.NamedTemporaryFile(suffix=f".{EXTENSIONS[fmt]}", prefix="vallexctl-") as tmp:
             tmp.write(audio)
             tmp.flush()
             done = subprocess.run([*player, tmp.name], check=False)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vallexd.config.paths import default_paths
-from vallexd.config.settings import Config, ConfigError
+from vallexd.config.settings import DEFAULT_VOICE_ALIASES, Config, ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,6 +177,28 @@ def _str_list(value: Any, sep: str = ",") -> tuple[str, ...]:
     return tuple(_string(item) for item in items)
 
 
+def _aliases(value: Any) -> dict[str, str]:
+    """NAME=PRESET pairs: a TOML table, or "a=b,c=d" from the environment or repeated flags."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        items = value if isinstance(value, list) else _str_list(value)
+        pairs = []
+        for item in items:
+            name, sep, preset = _string(item).partition("=")
+            if not sep:
+                raise ValueError(f"expected NAME=PRESET, got {item!r}")
+            pairs.append((name.strip(), preset.strip()))
+    from vallexd.service.requests import is_valid_name
+
+    result = {}
+    for name, preset in pairs:
+        if not isinstance(name, str) or not name or not isinstance(preset, str) or not is_valid_name(preset):
+            raise ValueError(f"bad alias {name!r} = {preset!r}: the preset must be a valid preset name")
+        result[name] = preset
+    return result
+
+
 # --------------------------------------------------------------------------- option table
 
 
@@ -275,6 +297,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_audio_bytes", "max_audio_bytes", _positive_int,
            "largest recording accepted by presets.create and POST /v1/audio/voices, in bytes",
            metavar="BYTES"),
+    Option("voice_aliases", "voice_aliases", _aliases,
+           "voice name of /v1/audio/speech that speaks with a preset, NAME=PRESET; repeat for several; "
+           "added to the built-in table of OpenAI's voice names (TOML: a [voice_aliases] table; "
+           "env: comma-separated)", "map", flag="--voice-alias", metavar="NAME=PRESET"),
 )
 _BY_KEY = {opt.key: opt for opt in OPTIONS}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -316,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(opt.flag_name, dest=opt.key, action="store_const",
                                 const="false" if opt.kind == "off" else "true",
                                 default=argparse.SUPPRESS, help=_help(opt))
-        elif opt.kind in ("paths", "list"):
+        elif opt.kind in ("paths", "list", "map"):
             parser.add_argument(opt.flag_name, dest=opt.key, action="append", metavar=opt.metavar,
                                 default=argparse.SUPPRESS, help=_help(opt))
         else:
@@ -338,6 +364,8 @@ def _convert(opt: Option, raw: Any, source: str, base: Path) -> Any:
             return paths
         if opt.kind == "list":
             return _str_list(raw)
+        if opt.kind == "map":
+            return opt.parse(raw)
         value = opt.parse(raw)
         if opt.kind == "path" and value is not None:
             return _make_path(value, base)
@@ -368,7 +396,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     for key, value in data.items():
         if key not in _BY_KEY:
             raise ConfigError(source, key, "unknown key")
-        if isinstance(value, dict):
+        if isinstance(value, dict) and _BY_KEY[key].kind != "map":
             raise ConfigError(source, key, "expected a value, got a table")
     return data
 
@@ -435,6 +463,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         opt = _BY_KEY[key]
         values[opt.field] = _convert(opt, raw, f"flag {opt.flag_name}", cwd)
 
+    # Configured aliases extend (and may override) the built-in table rather than replace it.
+    values["voice_aliases"] = {**DEFAULT_VOICE_ALIASES, **values.get("voice_aliases", {})}
     socket_path: Path = values["socket_path"]
     values["lock_path"] = socket_path.with_name(socket_path.name + ".lock")
     return Config(**values)

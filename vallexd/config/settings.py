@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vallexd.errors import InvalidArgument
 from vallexd.protocol import DEFAULT_MAX_REQUEST_FRAME
+
+#: OpenAI's voice names -> presets of the catalogue (English speakers), for clients that only
+#: know those names (`voice_aliases` replaces or extends the table; `vallexctl preset install NAME`).
+DEFAULT_VOICE_ALIASES: dict[str, str] = {
+    "alloy": "acou_1", "ash": "acou_2", "ballad": "acou_3", "coral": "acou_4",
+    "echo": "librispeech_1", "fable": "vctk_1", "onyx": "librispeech_2", "nova": "vctk_2",
+    "sage": "librispeech_3", "shimmer": "vctk_3", "verse": "librispeech_4", "marin": "vctk_4",
+    "cedar": "neutral",
+}
 
 
 class ConfigError(InvalidArgument):
@@ -59,6 +68,8 @@ class Config:
     whisper: Path | None = None
     max_audio_bytes: int = 10 * 1024 * 1024  # a 15 s 48 kHz stereo float WAV is 5.8 MB
     whisper_idle_s: float = 600.0  # Whisper medium holds ~3 GB: released after this idle time; 0 = keep
+    # OpenAI voice name -> preset, for /v1/audio/speech (the defaults merged with the configured ones).
+    voice_aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VOICE_ALIASES))
 
     @property
     def presets_install_dir(self) -> Path:

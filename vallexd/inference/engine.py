@@ -203,8 +203,14 @@ class Engine:
         sampling: Sampling,
         progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_audio: Callable[[np.ndarray], None] | None = None,
     ) -> np.ndarray:
-        """One code generation per piece (one generator across pieces), then one vocoder pass."""
+        """One code generation per piece (one generator across pieces), then one vocoder pass.
+
+        With `on_audio`, each piece is vocoded as soon as its codes are done and handed to
+        on_audio(float32 (T * 320,) at 24 kHz), in order, from this (the model) thread; the return
+        value is then the concatenation of those pieces.
+        """
         if not pieces:
             raise InvalidArgument("nothing to synthesize", reason="EMPTY_TEXT")
         _check_sampling(sampling)
@@ -213,8 +219,16 @@ class Engine:
             self._validated(ids, langs, prompt)
         gen = self.make_generator(sampling)
         all_codes = []
+        audio_pieces = []
         for i, (ids, langs) in enumerate(pieces):
-            all_codes.append(self.generate_codes(ids, langs, prompt, sampling, gen, should_stop))
+            codes = self.generate_codes(ids, langs, prompt, sampling, gen, should_stop)
+            all_codes.append(codes)
+            if on_audio is not None:
+                # Streaming: vocode this piece now so its audio can go out before the next one.
+                audio_pieces.append(self.decode(codes))
+                on_audio(audio_pieces[-1])
             if progress is not None:
                 progress(i + 1, len(pieces))
+        if on_audio is not None:
+            return np.concatenate(audio_pieces)
         return self.decode(np.concatenate(all_codes, axis=0))

@@ -7,6 +7,7 @@ Routes:
     GET  /health          200 when the model is loaded (and not draining), else 503
     GET  /presets, /status
     POST /v1/audio/voices a voice from an uploaded recording (multipart; voices_api.py)
+    POST /v1/audio/speech, GET /v1/models, /v1/audio/voices: OpenAI's API (openai_api.py)
 
 Security defaults, because a local HTTP port is reachable from every web page the
 user opens: a request carrying an Origin that is not allow-listed is refused outright
@@ -33,7 +34,8 @@ from typing import Any
 
 from aiohttp import web
 
-from vallexd.config.settings import Config
+from vallexd.audio.formats import CONTENT_TYPES
+from vallexd.config.settings import DEFAULT_VOICE_ALIASES, Config
 from vallexd.errors import (
     ErrorCode,
     InvalidArgument,
@@ -47,6 +49,7 @@ from vallexd.errors import (
 from vallexd.server import voices_api
 from vallexd.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vallexd.server.metrics import Metrics
+from vallexd.server.openai_api import OpenAIApi, is_openai_path, openai_error_response, write_audio_stream
 from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
 from vallexd.service.result import SynthesisResult
 
@@ -124,7 +127,8 @@ class HttpApi:
 
     def __init__(self, service: ServiceLike, *, host: str, port: int, token: str | None,
                  cors_origins: tuple[str, ...], max_body: int,
-                 max_audio_bytes: int = Config.max_audio_bytes) -> None:
+                 max_audio_bytes: int = Config.max_audio_bytes,
+                 voice_aliases: dict[str, str] | None = None) -> None:
         check_http_config(host, token)
         self.service = service
         self.host = host
@@ -144,6 +148,7 @@ class HttpApi:
             web.get("/metrics", self.metrics_route),
         ])
         voices_api.add_routes(self.app, service, max_audio_bytes=max_audio_bytes)  # POST /v1/audio/voices
+        self.openai = OpenAIApi(self, DEFAULT_VOICE_ALIASES if voice_aliases is None else voice_aliases)
         self._runner: web.AppRunner | None = None
         self.gate = DrainGate()
         self.metrics: Metrics | None = None
@@ -194,7 +199,7 @@ class HttpApi:
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
-        if origin and origin in self.cors_origins:
+        if origin and origin in self.cors_origins and not response.prepared:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
 
@@ -277,6 +282,8 @@ class HttpApi:
                         status: int | None = None) -> web.Response:
         status = status or err.http_status
         headers = {"WWW-Authenticate": "Bearer"} if err.code is ErrorCode.UNAUTHENTICATED else None
+        if is_openai_path(request.path):
+            return openai_error_response(err, status, headers)
         if request.path == "/generate":
             message = "Character not found" if err.code is ErrorCode.NOT_FOUND else err.message
             return web.json_response({"audioURL": "", "code": status, "error": message},
@@ -315,7 +322,7 @@ class HttpApi:
         params = map_old_request(await self._json_body(request))
         result = await self._synthesize(request, params)
         return web.json_response({"audioURL": result.url or "", "code": 200, "error": ""},
-                                 headers=_result_headers(result))
+                                 headers=result_headers(result))
 
     async def synthesize(self, request: web.Request) -> web.Response:
         params = await self._json_body(request)
@@ -324,10 +331,13 @@ class HttpApi:
         if params.get("progress"):
             raise InvalidArgument("progress events are only available on the Unix socket",
                                   reason="BAD_VALUE", details={"field": "progress"})
+        if params.get("stream") is True:
+            return await write_audio_stream(self, request, self.service.synthesize_stream(params), {})
         result = await self._synthesize(request, params)
-        headers = _result_headers(result)
+        headers = result_headers(result)
         if result.audio is not None:
-            return web.Response(body=result.audio, content_type="audio/wav", headers=headers)
+            headers["Content-Type"] = CONTENT_TYPES[result.format]
+            return web.Response(body=result.audio, headers=headers)
         return web.json_response(result.to_wire(), headers=headers)
 
     async def health(self, request: web.Request) -> web.Response:
@@ -353,7 +363,7 @@ class HttpApi:
         return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-def _result_headers(result: SynthesisResult) -> dict[str, str]:
+def result_headers(result: SynthesisResult) -> dict[str, str]:
     return {
         "X-Vallexd-Cache": "hit" if result.cached else "miss",
         "X-Vallexd-Cache-Key": result.cache_key,

@@ -138,8 +138,23 @@ class RpcServer:
             def progress(done: int, total: int) -> None:
                 send("progress", {"done": int(done), "total": int(total)})
 
+        if req.params.get("stream") is True and req.send_event is not None:
+            return await self._synthesize_stream(req, progress)
         result = await self.service.synthesize(req.params, progress=progress, cancelled=req.cancelled)
         return result.to_wire()
+
+    async def _synthesize_stream(self, req: _Request, progress: Any) -> dict[str, Any]:
+        """`stream: true`: `audio` events with the encoded chunks as pieces finish, then the result."""
+        send = req.send_event
+        assert send is not None
+        async with self.service.synthesize_stream(req.params, progress=progress,
+                                                  cancelled=req.cancelled) as stream:
+            fmt = stream.request.format
+            async for chunk in stream.chunks():
+                send("audio", {"index": chunk.index, "offset": chunk.offset, "samples": chunk.samples,
+                               "format": fmt, "data": chunk.data, "last": chunk.last})
+        assert stream.result is not None
+        return stream.result.to_wire()
 
     # ------------------------------------------------------------------ listening
     async def start(self, *, path: str | None = None, sock: socket.socket | None = None) -> None:

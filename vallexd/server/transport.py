@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from vallexd.errors import Internal, VallexError
 from vallexd.service.result import SynthesisResult
+from vallexd.service.stream import SynthesisStream
 
 log = logging.getLogger("vallexd.server")
 
@@ -21,6 +22,8 @@ class ServiceLike(Protocol):
 
     async def synthesize(self, params: dict[str, Any], *, progress: Any = None,
                          cancelled: asyncio.Event | None = None, on_audio: Any = None) -> SynthesisResult: ...
+    def synthesize_stream(self, params: dict[str, Any], *, progress: Any = None,
+                          cancelled: asyncio.Event | None = None) -> SynthesisStream: ...
     async def status(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
     async def presets_list(self) -> dict[str, Any]: ...
@@ -80,3 +83,24 @@ def log_safe(value: Any, limit: int = 40) -> str:
     """A client-supplied value fit for a one-line log: short, and escaped unless printable."""
     text = str(value)
     return text if text.isprintable() and len(text) <= limit else repr(text[:limit])
+
+
+#: HTTP status -> the OpenAI error `type` that SDKs and their users match on.
+_OPENAI_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def to_openai_error(err: VallexError, param_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The OpenAI error body {"error": {"message", "type", "param", "code"}} of a wire error.
+
+    `type` follows the status (`invalid_request_error` for 4xx, `server_error` for 5xx); `code` is
+    the reason in lower case (e.g. "preset_not_found", "bad_token"), else the code; `param` is the
+    field at fault, renamed through `param_names` (vallexd's "text" is OpenAI's "input").
+    """
+    status = err.http_status
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    field = err.details.get("field")
+    param = (param_names or {}).get(field, field) if isinstance(field, str) else None
+    code = (err.reason or err.code.value).lower()
+    if err.reason == "BAD_TOKEN":
+        code = "invalid_api_key"  # what OpenAI itself answers for a wrong key
+    return {"error": {"message": err.message, "type": kind, "param": param, "code": code}}

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from vallexd.audio.formats import check_format, check_speed
 from vallexd.constants import ACCENTS, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, REQUEST_LANGUAGES
 from vallexd.errors import InvalidArgument, TooLarge, text_too_long
 
@@ -47,6 +48,9 @@ class SynthesisRequest:
     return_mode: str = "audio"  # wire name: "return"
     progress: bool = False
     fresh: bool = False  # regenerate even on a cache hit, and replace the entry
+    format: str = "wav"  # of the returned/streamed audio; the cache always keeps WAV
+    speed: float = 1.0  # tempo of the returned/streamed audio (pitch unchanged)
+    stream: bool = False  # the transport sends the audio piece by piece (socket `audio` events)
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,7 @@ def validate_text(value: Any, max_chars: int) -> str:
 
 
 SYNTHESIZE_FIELDS = ("text", "voice", "language", "accent", "long", "seed", "top_k", "temperature",
-                     "return", "progress", "fresh")
+                     "return", "progress", "fresh", "format", "speed", "stream")
 
 
 def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest:
@@ -219,6 +223,14 @@ def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest
                               reason="OUT_OF_RANGE",
                               details={"field": "temperature"})
 
+    return_mode = _choice(p, "return", "audio", RETURN_MODES)
+    fmt = check_format(p.get("format", "wav"))
+    speed = check_speed(p.get("speed", 1.0))
+    if return_mode == "path" and (fmt != "wav" or speed != 1.0):
+        # The path is the cache's canonical WAV; other formats exist only as returned bytes.
+        raise InvalidArgument('return "path" gives the cached WAV: format must be wav and speed 1.0',
+                              reason="BAD_VALUE", details={"field": "format"})
+
     return SynthesisRequest(
         text=text,
         voice=voice,
@@ -228,9 +240,12 @@ def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest
         seed=seed,
         top_k=top_k,
         temperature=temperature,
-        return_mode=_choice(p, "return", "audio", RETURN_MODES),
+        return_mode=return_mode,
         progress=_bool(p, "progress", False),
         fresh=_bool(p, "fresh", False),
+        format=fmt,
+        speed=speed,
+        stream=_bool(p, "stream", False),
     )
 
 

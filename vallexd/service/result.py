@@ -11,9 +11,10 @@ from typing import Any
 class SynthesisResult:
     """One synthesis, from the cache or the model.
 
-    audio: the WAV bytes (None for `return: path`); path: the cache file (None when the cache could
-    not be written); url: that file on the static server (None when it is off); duration_s: seconds
-    of audio; pieces: model runs (0 for a cache hit); timings: milliseconds per stage, for the log.
+    audio: the bytes in `format` (None for `return: path` or a streamed result); path: the cache
+    file, always WAV (None when the cache could not be written); url: that file on the static server
+    (None when it is off); duration_s: seconds of the delivered audio (after a speed change);
+    pieces: model runs (0 for a cache hit); timings: milliseconds per stage, for the log.
     """
 
     cache_key: str
@@ -24,6 +25,7 @@ class SynthesisResult:
     path: Path | None = None
     url: str | None = None
     audio: bytes | None = None
+    format: str = "wav"  # of `audio` (the cached file at `path` is always WAV)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
@@ -36,6 +38,7 @@ class SynthesisResult:
             "path": str(self.path) if self.path is not None else None,
             "url": self.url,
             "pieces": self.pieces,
+            "format": self.format,
             "timings": dict(self.timings),
         }
         if self.audio is not None:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from vallexd import __version__
+from vallexd.audio.encode import decode_wav_float, encode_audio
 from vallexd.config import Config
 from vallexd.constants import SAMPLE_RATE
 from vallexd.errors import Busy, InvalidArgument, Timeout, Unavailable, VallexError
@@ -44,11 +45,12 @@ from vallexd.service.requests import (
     validate_synthesize,
 )
 from vallexd.service.result import SynthesisResult
+from vallexd.service.stream import SynthesisStream
 from vallexd.service.voices import VoiceMaker
-from vallexd.service.worker import ModelWorker, default_loader
+from vallexd.service.worker import AudioFn, ModelWorker, default_loader
 from vallexd.storage.cache import ResultCache, cache_key, relative_url_path
 from vallexd.storage.presets import Preset, PresetStore
-from vallexd.storage.wav import duration_s, read_pcm16, wav_bytes, wav_duration_s
+from vallexd.storage.wav import duration_s, wav_bytes, wav_duration_s
 from vallexd.types import Piece, Sampling
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,6 @@ log = logging.getLogger(__name__)
 #: progress(done, total), called on the event loop as pieces finish; a plain function
 #: (it must not block) or one returning an awaitable (awaited before the result is returned).
 ProgressCallback = Callable[[int, int], Any]
-#: on_audio(samples): float32 mono audio at the result's sample rate, on the event loop, in order.
-AudioCallback = Callable[[np.ndarray], None]
 
 
 @dataclass
@@ -90,12 +90,6 @@ class _Made:
     owner: SynthesisRecord  # the request that began the run
     work_s: float
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _decode_wav(source: bytes | Path) -> np.ndarray:
-    """Blocking: a cached mono 16-bit WAV as float32 samples in [-1, 1]."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    return read_pcm16(data).astype(np.float32) / 32767.0
 
 
 def _warm_text() -> None:
@@ -207,15 +201,16 @@ class Service:
         *,
         progress: ProgressCallback | None = None,
         cancelled: asyncio.Event | None = None,
-        on_audio: AudioCallback | None = None,
+        on_audio: AudioFn | None = None,
     ) -> SynthesisResult:
         """Validate `params` (docs/protocol.md), then answer from the cache or run the model.
 
         progress(done, total) is called on the loop as pieces finish when `params["progress"]`
         is true; setting `cancelled` drops the job if queued, or stops it at the next AR step.
-        on_audio(samples) receives the audio as it is made (float32 mono at `sample_rate`, on
-        the loop, in order, all of it before this returns); on a cache hit it is called once
-        with the decoded cached audio.  Concurrent misses with the same cache key share one
+        on_audio(samples) is called on the loop with float32 mono audio at `sample_rate` as it is
+        made: each piece of a miss as soon as it is vocoded (all of it before this returns), or a
+        cache hit's whole audio at once; the result then carries no audio bytes (the caller has
+        them; see `synthesize_stream`).  Concurrent misses with the same cache key share one
         model run (see coalesce.py).
         Raises VallexError: InvalidArgument / NotFound / TooLarge for the request, Busy
         (QUEUE_FULL), Timeout (DEADLINE, CANCELLED), Unavailable (draining, model not loaded,
@@ -242,8 +237,19 @@ class Service:
                 log.exception("on_record hook failed")
         return result
 
+    def synthesize_stream(self, params: dict[str, Any], *, progress: ProgressCallback | None = None,
+                          cancelled: asyncio.Event | None = None) -> SynthesisStream:
+        """A synthesis whose audio is iterated piece by piece (see `SynthesisStream`).
+
+        The params are validated now (InvalidArgument / TooLarge raised before any work); the
+        synthesis starts when the stream is entered with `async with`.
+        """
+        req = validate_synthesize(params, max_text_chars=self.config.max_text_chars)
+        return SynthesisStream(self, params, req, progress=progress, cancelled=cancelled,
+                               sample_rate=self._sample_rate())
+
     async def _synthesize(self, params: Any, record: SynthesisRecord, progress: ProgressCallback | None,
-                          cancelled: asyncio.Event | None, on_audio: AudioCallback | None) -> SynthesisResult:
+                          cancelled: asyncio.Event | None, on_audio: AudioFn | None) -> SynthesisResult:
         started = record.started
         self._check_accepting()
         _raise_if_cancelled(cancelled)
@@ -252,16 +258,17 @@ class Service:
         key = self._cache_key(req, preset)
         want_audio = req.return_mode == "audio"
         if not req.fresh:
-            hit = await asyncio.to_thread(self._read_hit, key, want_audio)
+            # A hit that is streamed needs its bytes even for `return: path`.
+            hit = await asyncio.to_thread(self._read_hit, key, want_audio or on_audio is not None)
             if hit is not None:
                 self.counters["cache_hits"] += 1
                 record.cached = True
                 data, path, seconds = hit
-                if on_audio is not None:
-                    samples = await asyncio.to_thread(_decode_wav, data if data is not None else path)
-                    on_audio(samples)
+                if on_audio is not None and data is not None:
+                    on_audio(await asyncio.to_thread(decode_wav_float, data))
                 record.first_audio_s = time.monotonic() - started
-                return self._result(key, data, path, seconds, cached=True, pieces=0, started=started)
+                return await self._result(req, key, data, path, seconds, cached=True, pieces=0,
+                                          started=started, streamed=on_audio is not None)
 
         self.counters["cache_misses"] += 1
 
@@ -282,8 +289,8 @@ class Service:
         if made.path is None and not want_audio:
             assert made.store_error is not None
             raise made.store_error
-        result = self._result(key, made.data if want_audio else None, made.path, made.seconds,
-                              cached=False, pieces=made.pieces, started=started)
+        result = await self._result(req, key, made.data, made.path, made.seconds, cached=False,
+                                    pieces=made.pieces, started=started, streamed=on_audio is not None)
         result.timings.update(made.timings)
         return result
 
@@ -444,14 +451,23 @@ class Service:
             raise empty or InvalidArgument("text is empty", reason="EMPTY_TEXT", details={"field": "text"})
         return pieces
 
-    def _result(self, key: str, data: bytes | None, path: Path | None, seconds: float, *, cached: bool,
-                pieces: int, started: float) -> SynthesisResult:
+    async def _result(self, req: SynthesisRequest, key: str, data: bytes | None, path: Path | None,
+                      seconds: float, *, cached: bool, pieces: int, started: float,
+                      streamed: bool) -> SynthesisResult:
+        """The result; its audio is the WAV `data` encoded to the request's format and speed
+        (None for `return: path`, or when the audio was streamed through on_audio)."""
         url = None
         if self.static_base_url and path is not None:
             url = f"{self.static_base_url.rstrip('/')}/{relative_url_path(key)}"
+        rate = self._sample_rate()
+        audio = data if req.return_mode == "audio" and not streamed else None
+        if audio is not None and (req.format != "wav" or req.speed != 1.0):
+            wav, fmt, speed = audio, req.format, req.speed
+            audio = await asyncio.to_thread(
+                lambda: encode_audio(decode_wav_float(wav), fmt, rate, speed=speed))
         return SynthesisResult(
-            cache_key=key, duration_s=round(seconds, 3), sample_rate=self._sample_rate(), cached=cached,
-            pieces=pieces, path=path, url=url, audio=data,
+            cache_key=key, duration_s=round(seconds / req.speed, 3), sample_rate=rate, cached=cached,
+            pieces=pieces, path=path, url=url, audio=audio, format=req.format,
             timings={"total_ms": _ms(time.monotonic() - started)},
         )
 

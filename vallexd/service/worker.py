@@ -37,7 +37,7 @@ from vallexd.types import Piece, Sampling
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
-#: on_audio(samples): float32 mono audio at the engine's rate, called on the event loop, in order.
+#: on_audio(samples): one piece's float32 audio at 24 kHz, called on the event loop, in order.
 AudioFn = Callable[[np.ndarray], None]
 #: on_step(batch_size): called from the MODEL THREAD once per AR step; must be cheap and thread-safe.
 StepFn = Callable[[int], None]
@@ -178,10 +178,10 @@ class ModelWorker:
         cancelled: asyncio.Event | None = None,
         on_audio: AudioFn | None = None,
     ) -> np.ndarray:
-        """Queue one synthesis and wait for its float audio.
+        """Queue one synthesis and wait for its float audio (the concatenation of its pieces).
 
-        on_audio, if given, receives the audio on the event loop before this returns (for now
-        once, the whole audio; the streaming worker calls it once per piece, in order).
+        on_audio(samples) is called on the event loop with each piece's float32 24 kHz audio, in
+        order, as soon as that piece is vocoded, and never after this returns or raises.
         """
         if not self._accepting or self._loop is None or self._wakeup is None or self._idle is None:
             raise Unavailable("the daemon is shutting down" if self.engine else "the model is not loaded",
@@ -264,11 +264,6 @@ class ModelWorker:
                 del exc
             else:
                 if not job.future.done():
-                    if job.on_audio is not None:
-                        try:
-                            job.on_audio(audio)
-                        except Exception:
-                            log.exception("on_audio callback failed")
                     job.future.set_result(audio)
             finally:
                 self.busy_s += time.monotonic() - started
@@ -303,9 +298,12 @@ class ModelWorker:
                 return job.should_stop()
 
         self.jobs_run += 1
+        extra: dict[str, Any] = {}
+        if job.on_audio is not None:
+            extra["on_audio"] = self._audio_relay(job, loop)
         try:
             audio = self.engine.synthesize(job.pieces, job.prompt, job.sampling, progress=progress,
-                                           should_stop=should_stop)
+                                           should_stop=should_stop, **extra)
         except VallexError:
             raise
         except Exception as exc:
@@ -314,6 +312,22 @@ class ModelWorker:
                 raise  # a bug: _dispatch logs the traceback and answers INTERNAL
             raise err from None
         return np.asarray(audio, dtype=np.float32)
+
+    @staticmethod
+    def _audio_relay(job: Job, loop: asyncio.AbstractEventLoop) -> AudioFn:
+        """The model-thread callback that hands each piece's audio to job.on_audio on the loop."""
+        sink, future = job.on_audio, job.future
+        assert sink is not None
+
+        def deliver(samples: np.ndarray) -> None:
+            # Like progress: nothing goes out once the job is over (cancelled, timed out).
+            if not future.done():
+                sink(samples)
+
+        def relay(samples: np.ndarray) -> None:
+            loop.call_soon_threadsafe(deliver, np.asarray(samples, dtype=np.float32))
+
+        return relay
 
     def _classify(self, exc: Exception) -> VallexError | None:
         """Model thread: OOM -> ResourceExhausted (memory released); a poisoned accelerator -> fatal."""

@@ -15,8 +15,9 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _CHUNK = 1 << 20
 
@@ -35,15 +36,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(
+@contextlib.contextmanager
+def atomic_open(
     path: Path,
-    data: bytes,
     *,
     mode: int | None = 0o644,
     prefix: str | None = None,
     suffix: str = ".tmp",
-) -> None:
-    """Write `data` to `path` atomically.
+) -> Iterator[BinaryIO]:
+    """A binary file to write progressively that appears at `path` only when the block ends
+    without an exception (then fsynced and renamed over `path`); otherwise it is removed.
 
     `mode` None gives what a plain `open()` would (0o666 less the umask); mkstemp alone makes 0600.
     The temp file is `<prefix>XXXX<suffix>` in `path`'s folder, prefix defaulting to `.<name>.`.
@@ -52,10 +54,7 @@ def atomic_write(
     fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            view = memoryview(data)
-            # Chunked so a large result does not need a second full copy in one kernel call.
-            for start in range(0, len(view), _CHUNK):
-                fh.write(view[start : start + _CHUNK])
+            yield fh
             fh.flush()
             if mode is None:
                 umask = os.umask(0)
@@ -69,6 +68,22 @@ def atomic_write(
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int | None = 0o644,
+    prefix: str | None = None,
+    suffix: str = ".tmp",
+) -> None:
+    """Write `data` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, mode=mode, prefix=prefix, suffix=suffix) as fh:
+        view = memoryview(data)
+        # Chunked so a large result does not need a second full copy in one kernel call.
+        for start in range(0, len(view), _CHUNK):
+            fh.write(view[start : start + _CHUNK])
 
 
 def sha256_file(path: Path, progress: Callable[[int, int], None] | None = None) -> str:
