@@ -156,8 +156,8 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path, tiny_models) 
 
     def synthesize() -> None:
         try:
-            # ~100 phonemes: long enough that SIGTERM arrives while it runs.
-            outcome["result"] = d.call("synthesize", {"text": "a long goodbye " * 12, "language": "en",
+            # Several pieces of ~100 phonemes: long enough that SIGTERM arrives while it runs.
+            outcome["result"] = d.call("synthesize", {"text": "A long goodbye. " * 40, "language": "en",
                                                       "seed": 4, "return": "path"})
         except Exception as exc:  # reported by the assertion below
             outcome["error"] = exc
@@ -165,7 +165,6 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path, tiny_models) 
     worker = threading.Thread(target=synthesize)
     worker.start()
     wait_until(lambda: d.call("status")["rpc"]["in_flight"] == 1, 20, "the request to arrive")
-    time.sleep(0.2)
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0
     worker.join(10)
