@@ -66,9 +66,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise InvalidArgument(f"unknown dtype {name!r}; use auto, {', '.join(DTYPES)}", reason="BAD_DTYPE")
     dtype = DTYPES[name]
-    if device.type == "cpu" and dtype != torch.float32:
-        raise InvalidArgument(f"dtype {name} is not supported on the CPU; use float32", reason="BAD_DTYPE")
+    native = dtype == torch.bfloat16 and cpu_has_native_bf16()
+    if device.type == "cpu" and dtype != torch.float32 and not native:
+        raise InvalidArgument(
+            f"dtype {name} is not supported on this CPU (bfloat16 needs avx512_bf16 or amx_bf16; "
+            "emulated it is slow); use float32", reason="BAD_DTYPE")
     return dtype
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU computes bfloat16 natively (avx512_bf16 or amx_bf16 in its flags)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[-1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def dtype_name(dtype: torch.dtype) -> str:

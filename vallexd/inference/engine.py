@@ -21,7 +21,7 @@ from vallexd.constants import HOP, MIN_TEMPERATURE, MODEL_LANGUAGES, NUM_QUANTIZ
 from vallexd.errors import Internal, InvalidArgument, Timeout
 from vallexd.inference.checkpoint import load_model
 from vallexd.inference.devices import dtype_name, resolve_device, resolve_dtype
-from vallexd.inference.model import Cancelled, VallEX, language_ids
+from vallexd.inference.model import Cancelled, NonFiniteLogits, VallEX, language_ids
 from vallexd.inference.vocoder import Vocoder
 from vallexd.storage.fsutil import sha256_file
 from vallexd.storage.prompts import LANG_CODES, Prompt, validate_arrays
@@ -45,6 +45,16 @@ def _check_language(lang: object, what: str) -> str:
     if not isinstance(lang, str) or lang not in MODEL_LANGUAGES:
         raise InvalidArgument(f"{what} must be one of en, zh, ja, got {lang!r}", reason="UNKNOWN_LANGUAGE")
     return str(lang)
+
+
+def model_error(exc: Exception) -> Exception:
+    """The typed error for a model-level exception (Cancelled, NonFiniteLogits); others unchanged."""
+    if isinstance(exc, Cancelled):
+        return Timeout("synthesis cancelled", reason="CANCELLED")
+    if isinstance(exc, NonFiniteLogits):
+        return Internal(f"the model produced non-finite logits ({exc.stage} stage)", reason="NON_FINITE",
+                        details={"stage": exc.stage})
+    return exc
 
 
 class Engine:
@@ -160,8 +170,8 @@ class Engine:
                 generator=gen,
                 should_stop=should_stop,
             )
-        except Cancelled:
-            raise Timeout("synthesis cancelled", reason="CANCELLED") from None
+        except (Cancelled, NonFiniteLogits) as exc:
+            raise model_error(exc) from None
         return out.cpu().numpy().astype(np.int64, copy=False)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
