@@ -196,7 +196,8 @@ class Option:
     field: str  # Config field it sets
     parse: Callable[[Any], Any]
     help: str
-    kind: str = "value"  # "value", "path", "paths" (repeatable flag), "list" (repeatable), "off" (--no-x)
+    kind: str = "value"  # "value", "path", "paths" (repeatable flag), "list" (repeatable), "off" (--no-x),
+    # "on" (--x sets true)
     flag: str | None = None
     metavar: str | None = None
 
@@ -229,6 +230,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("threads", "threads", _non_negative_int,
            "CPU threads for the model; 0 = torch's default (one per core). On a busy or shared machine "
            "1 is often faster: see bench/bench_model.py --threads", metavar="N"),
+    Option("max_batch", "max_batch", _positive_int,
+           "most AR rows decoded together (concurrent requests and fixed-mode pieces share steps); each "
+           "row's float32 k/v cache takes n_layers x 2 x d_model x 4 bytes per position (96 KiB for the "
+           "full model: ~55-180 MB for a typical row)", metavar="N"),
+    Option("compile", "compile", _bool,
+           "apply torch.compile to the model at start, before READY (the log gives the compile time)", "on"),
     Option("http_host", "http_host", _string, "address of the optional HTTP API", metavar="HOST"),
     Option("http_port", "http_port", _optional(_port),
            "port of the HTTP API; unset or 'off' disables it (0 picks a free port)", metavar="PORT"),
@@ -273,7 +280,7 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 def _help(opt: Option) -> str:
     """The option's help plus its built-in default (paths depend on the environment: see epilog)."""
     default = _FIELD_DEFAULTS.get(opt.field, dataclasses.MISSING)
-    if default is dataclasses.MISSING or opt.kind == "off" or opt.field == "socket_mode":
+    if default is dataclasses.MISSING or opt.kind in ("off", "on") or opt.field == "socket_mode":
         return opt.help
     if default is None or default == ():
         return opt.help + " (default: unset)"
@@ -299,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="TOML configuration file (also VALLEXD_CONFIG)")
     for opt in OPTIONS:
-        if opt.kind == "off":
-            parser.add_argument(opt.flag_name, dest=opt.key, action="store_const", const="false",
+        if opt.kind in ("off", "on"):
+            parser.add_argument(opt.flag_name, dest=opt.key, action="store_const",
+                                const="false" if opt.kind == "off" else "true",
                                 default=argparse.SUPPRESS, help=_help(opt))
         elif opt.kind in ("paths", "list"):
             parser.add_argument(opt.flag_name, dest=opt.key, action="append", metavar=opt.metavar,

@@ -70,6 +70,7 @@ class Engine:
         self._device = device
         self._dtype = dtype
         self.identity = identity
+        self.compiled = False
 
     @property
     def device(self) -> str:
@@ -101,6 +102,14 @@ class Engine:
         h.update(dtype_name(dt).encode())
         h.update(dev.type.encode())  # CPU and CUDA generators draw differently for the same seed
         return cls(model, vocoder, dev, dt, h.hexdigest())
+
+    def compile(self) -> None:
+        """torch.compile the model's dense parts and build every graph now (see compiled.py)."""
+        from vallexd.inference.compiled import compile_model, warm_up
+
+        compile_model(self.model)
+        warm_up(self)
+        self.compiled = True
 
     def make_generator(self, sampling: Sampling) -> torch.Generator:
         """A request's own generator: seeded from the request, else from `secrets` (never the global RNG)."""

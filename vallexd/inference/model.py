@@ -188,10 +188,20 @@ class DecoderLayer(nn.Module):
         return x + linear(h, self.linear2.weight, self.linear2.bias)
 
 
+def feed_forward(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, w1: torch.Tensor,
+                 b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """x + linear2(relu(linear1(layer_norm(x)))): the AR step's feed-forward half of a layer (x (B, 1, d)).
+
+    A plain function of tensors so that `--compile` can swap in one compiled graph for every layer."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, 1e-5)
+    return x + linear(F.relu(linear(h, w1, b1)), w2, b2)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, adaptive: bool, device: Device = None) -> None:
         super().__init__()
         self.adaptive = adaptive
+        self.feed_forward = feed_forward  # replaced by a compiled version under --compile
         self.layers = nn.ModuleList(DecoderLayer(cfg, adaptive, device) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg.d_model, adaptive, device)
 
@@ -233,9 +243,8 @@ class Decoder(nn.Module):
                 ))  # (H, 1, hd): one query sees every cached position, no mask needed
             y = torch.stack(ys).view(b, 1, d)
             x = x + linear(y, attn.out_proj.weight, attn.out_proj.bias)
-            h = F.layer_norm(x, shape, layer.norm2.weight, layer.norm2.bias, 1e-5)
-            h = F.relu(linear(h, layer.linear1.weight, layer.linear1.bias))
-            x = x + linear(h, layer.linear2.weight, layer.linear2.bias)
+            x = self.feed_forward(x, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+                                  layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
         return F.layer_norm(x, shape, self.norm.weight, self.norm.bias, 1e-5)
 
 

@@ -111,9 +111,10 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.active
 
-    def schedule(self, take: Callable[[], Request | None] | None = None) -> None:
+    def schedule(self, take: Callable[[], Request | None] | None = None) -> list[Request]:
         """Fill free rows at a step boundary: waiting pieces of running requests, new requests from
-        `take()` (None when none waits), then more pieces of running fixed-mode requests."""
+        `take()` (None when none waits), then more pieces of running fixed-mode requests.
+        Returns the requests that ended meanwhile (cancelled while waiting, failed prefill)."""
         for req in self.active:  # requests between pieces or waiting for a row poll here
             if req.should_stop is not None and req.should_stop():
                 self._fail(req, Cancelled())
@@ -129,7 +130,7 @@ class Scheduler:
         for req in list(self.active):
             while self.free and req.wants_row():
                 self._start(req)
-        self._collect()
+        return self._collect()
 
     def add(self, req: Request) -> None:
         """Admit a request now (it gets a row at once if one is free)."""

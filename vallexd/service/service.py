@@ -83,8 +83,8 @@ class Service:
             if config.checkpoint is None or config.vocos_dir is None:
                 raise InvalidArgument("no model configured: set checkpoint and vocos", reason="BAD_CONFIG")
             loader = default_loader(config.checkpoint, config.vocos_dir, config.device, config.dtype,
-                                    config.threads)
-            worker = ModelWorker(loader, queue_limit=config.queue_limit)
+                                    config.threads, config.compile)
+            worker = ModelWorker(loader, queue_limit=config.queue_limit, max_batch=config.max_batch)
         self.worker = worker
         #: Set by the lifecycle once the static server child listens, e.g. "http://127.0.0.1:8080".
         self.static_base_url: str | None = None
@@ -203,7 +203,8 @@ class Service:
         # A miss counts against the queue limit from here on, not only once it reaches the
         # worker; otherwise any number of requests could pile up in the text stage.
         queue_limit = self.worker.queue_limit
-        if self._preparing + self.worker.queue_depth + self.worker.in_flight >= queue_limit + 1:
+        capacity = queue_limit + self.worker.max_batch  # waiting + rows of the batch
+        if self._preparing + self.worker.queue_depth + self.worker.in_flight >= capacity:
             raise Busy(f"the queue is full ({queue_limit} waiting); retry later", reason="QUEUE_FULL",
                        details={"queue_limit": queue_limit})
         deadline = started + self.config.request_timeout_s
@@ -362,6 +363,8 @@ class Service:
             "queue_depth": self.worker.queue_depth,
             "queue_limit": self.worker.queue_limit,
             "in_flight": self.worker.in_flight,
+            "max_batch": self.worker.max_batch,
+            "batch_size": self.worker.batch_size,
             "cache": {"files": cache["files"], "bytes": cache["bytes"]},
             "presets": len(self.presets),
             "uptime_s": round(time.monotonic() - self._started_at, 3),
