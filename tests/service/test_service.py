@@ -525,3 +525,35 @@ async def test_no_progress_after_the_request_ended(tmp_path: Path, engine: Any,
     finally:
         release.set()
         await service.drain(1.0)
+
+
+async def test_long_mode_field_cache_key_and_old_api_mapping(tmp_path: Path, engine: Any) -> None:
+    from vallexd.server.http_api import map_old_request
+
+    service = await started(make_config(tmp_path, None, long_budget=16), engine)
+    try:
+        import numpy as np
+
+        prompt = Prompt(audio_tokens=np.arange(5 * 8).reshape(1, 5, 8), text_tokens=np.array([[20, 21]]),
+                        language="en")
+        await service.presets_install({"name": "v", "data": prompt_to_bytes(prompt)})
+        text = "Go home now. Be very calm. Sit down."
+        base = {"text": text, "language": "en", "voice": "v", "seed": 4, "top_k": 1}
+        fixed = await synth(service, base)  # with a voice the default is fixed
+        assert (await synth(service, {**base, "long_mode": "fixed"}))["cached"] is True
+        sliding = await synth(service, {**base, "long_mode": "sliding"})
+        assert sliding["cached"] is False and sliding["cache_key"] != fixed["cache_key"]
+        pieces = split_text(text, "en", budget=16, short_first=True)
+        assert fixed["pieces"] == len(pieces) == 3
+        assert wav_info(fixed["audio"])[1] == sum(frames_for(p, enrolled=2) for p in pieces) * HOP
+        # Without a voice the request slides whatever it asks: both spellings are one cache entry.
+        a = await synth(service, {"text": text, "language": "en", "seed": 4, "long_mode": "fixed"})
+        b = await synth(service, {"text": text, "language": "en", "seed": 4, "long_mode": "sliding"})
+        assert b["cached"] is True and a["cache_key"] == b["cache_key"]
+        with pytest.raises(InvalidArgument) as info:
+            await synth(service, {**base, "long_mode": "window"})
+        assert info.value.details["field"] == "long_mode"
+    finally:
+        await service.drain(1.0)
+    assert map_old_request({"textPrompt": "Hi.", "longprompt": True})["long_mode"] == "sliding"
+    assert "long_mode" not in map_old_request({"textPrompt": "Hi.", "longprompt": False})

@@ -55,12 +55,16 @@ def read_text(text: str | None) -> str:
 
 
 def speak_params(text: str, *, voice: str | None, language: str, accent: str, long: bool | None,
-                 seed: int | None, top_k: int, temperature: float, want_audio: bool) -> dict[str, Any]:
-    return {
+                 seed: int | None, top_k: int, temperature: float, want_audio: bool,
+                 long_mode: str | None = None) -> dict[str, Any]:
+    params = {
         "text": text, "voice": voice, "language": language, "accent": accent,
         "long": "auto" if long is None else long, "seed": seed, "top_k": top_k,
         "temperature": temperature, "return": "audio" if want_audio else "path", "progress": True,
     }
+    if long_mode is not None:
+        params["long_mode"] = long_mode
+    return params
 
 
 @click.command()
@@ -72,6 +76,9 @@ def speak_params(text: str, *, voice: str | None, language: str, accent: str, lo
               help="native: each token in its own language; request: the text's language; or force one.")
 @click.option("--long/--no-long", default=None,
               help="Split into sentences and speak them one by one [default: when the text is long].")
+@click.option("--long-mode", type=click.Choice(["fixed", "sliding"]), default=None,
+              help="How pieces of a long text are prompted: fixed = each by the voice; sliding = on a coin "
+                   "by the piece just spoken [default: fixed with --voice, sliding without].")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Random seed, for repeatable output.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample from the k likeliest codes; 0 disables top-k.")
@@ -85,8 +92,8 @@ def speak_params(text: str, *, voice: str | None, language: str, accent: str, lo
               help="Show progress of long text on stderr [default: when stderr is a terminal].")
 @json_option
 def speak(text: str | None, voice: str | None, language: str, accent: str, long: bool | None,
-          seed: int | None, top_k: int, temperature: float, output: Path | None, to_stdout: bool,
-          play: bool, progress: bool | None) -> None:
+          long_mode: str | None, seed: int | None, top_k: int, temperature: float, output: Path | None,
+          to_stdout: bool, play: bool, progress: bool | None) -> None:
     """Speak TEXT (or stdin) with vallexd.
 
     Without -o/--stdout/--play it prints where the daemon cached the WAV
@@ -115,7 +122,7 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
 
     want_audio = bool(output or to_stdout or play)
     params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
-                          top_k=top_k, temperature=temperature, want_audio=want_audio)
+                          top_k=top_k, temperature=temperature, want_audio=want_audio, long_mode=long_mode)
     show = ProgressLine("speaking", enabled=stderr_is_tty() if progress is None else progress, unit="pieces")
 
     def on_event(name: str, data: dict[str, Any]) -> None:

@@ -69,6 +69,13 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
+def long_mode(req: SynthesisRequest) -> str:
+    """The effective long-text mode: without a voice always sliding; else as asked, fixed by default."""
+    if req.voice is None:
+        return "sliding"
+    return req.long_mode or "fixed"
+
+
 def _raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
     if cancelled is not None and cancelled.is_set():
         raise Timeout("request cancelled: the client went away", reason="CANCELLED")
@@ -192,8 +199,8 @@ class Service:
             engine_identity=self.worker.identity,
             preset_digest=preset.digest if preset is not None else None,
             text=req.text, language=req.language, accent=req.accent,
-            # true and "auto" give the same audio; the split depends on the phoneme budget
-            long="whole" if req.long is False else f"split:{self._split_budget()}",
+            # true and "auto" give the same audio; the split depends on the phoneme budget and mode
+            long="whole" if req.long is False else f"split:{self._split_budget()}:{long_mode(req)}",
             top_k=req.top_k, temperature=req.temperature, seed=req.seed,
         )
 
@@ -235,7 +242,7 @@ class Service:
         audio = await self.worker.run(
             pieces, preset.prompt if preset is not None else None,
             Sampling(top_k=req.top_k, temperature=req.temperature, seed=req.seed),
-            timeout_s=remaining, progress=report, cancelled=cancelled,
+            timeout_s=remaining, progress=report, cancelled=cancelled, long_mode=long_mode(req),
         )
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
@@ -310,7 +317,10 @@ class Service:
         max_chars = self.config.max_text_chars
         # split_text packs sentences greedily up to the budget, so a short text stays one
         # piece: "auto" and true behave the same (true is the old API's `longprompt`).
-        texts = [req.text] if req.long is False else frontend.split_text(req.text, language, budget=budget)
+        # short_first: a text of several pieces starts with its first sentence alone, so its first
+        # audio comes after one sentence's work (costs one more, shorter piece).
+        texts = [req.text] if req.long is False else frontend.split_text(req.text, language, budget=budget,
+                                                                         short_first=True)
         pieces: list[Piece] = []
         empty: VallexError | None = None
         for piece_text in texts:
