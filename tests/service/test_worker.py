@@ -16,6 +16,7 @@ import pytest
 
 from vallexd.constants import HOP
 from vallexd.errors import Busy, Timeout
+from vallexd.inference.devices import cpu_has_native_bf16
 from vallexd.service.worker import ModelWorker
 from vallexd.storage.prompts import Prompt
 from vallexd.types import Sampling
@@ -175,3 +176,44 @@ async def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
     while not predicate():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+def _drift(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max()) if a.shape == b.shape else float("inf")
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(),
+                    reason="this CPU has no native bfloat16 (avx512_bf16/amx_bf16): bfloat16 is refused")
+async def test_bfloat16_worker_starts_and_synthesises(tiny_models: Any) -> None:
+    from vallexd.service.worker import default_loader
+
+    worker = ModelWorker(default_loader(tiny_models.checkpoint, tiny_models.vocos_dir, "cpu", "bfloat16", 1),
+                         queue_limit=2, max_batch=2)
+    await worker.start()
+    try:
+        assert worker.engine.dtype == "bfloat16"
+        audio = await worker.run(*JOBS[2][:3], timeout_s=60)  # greedy: never EOS on random weights
+        assert audio.dtype == np.float32 and np.isfinite(audio).all() and len(audio) == 16 * (4 + 4) * HOP
+        both = await asyncio.gather(*(worker.run(p, pr, s, timeout_s=60) for p, pr, s in JOBS[:2]))
+        assert all(len(a) and np.isfinite(a).all() for a in both)
+    finally:
+        await worker.stop(1.0)
+
+
+@pytest.mark.slow  # torch.compile's C++ build takes ~100 s on the shared 2-core box
+async def test_compile_starts_and_synthesises_the_same(tiny_models: Any, engine: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from vallexd.service.worker import default_loader
+
+    want = await _alone(engine)
+    worker = ModelWorker(default_loader(tiny_models.checkpoint, tiny_models.vocos_dir, "cpu", "float32", 1,
+                                        compile=True), queue_limit=2, max_batch=4)
+    with caplog.at_level("INFO", logger="vallexd.service.worker"):
+        await worker.start()  # compiled and warmed up before it accepts anything
+    try:
+        assert worker.engine.compiled and any("compiled in" in r.message for r in caplog.records)
+        got = await asyncio.gather(*(worker.run(p, pr, s, timeout_s=120) for p, pr, s in JOBS))
+        for a, b in zip(got, want, strict=True):
+            assert _drift(a, b) < 1e-3  # greedy/seeded codes the same; the vocoder is not compiled
+    finally:
+        await worker.stop(1.0)
