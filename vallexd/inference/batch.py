@@ -37,6 +37,12 @@ from vallexd.inference.model import Cancelled, NonFiniteLogits, VallEX, sample_t
 INITIAL_FRAMES = 256
 
 
+def frame_limit(row: ArRow) -> int:
+    """The stop rule's frame limit: 16 x S (S = enrolled + new text tokens).  A module-level hook so
+    bench/bench_serving.py can give random weights (which never draw EOS) realistic lengths."""
+    return MAX_FRAMES_PER_TOKEN * int(row.x.shape[0])
+
+
 @dataclass(eq=False)
 class ArRow:
     """One piece's AR decoding state.  `frames` (codebook-0 codes) and `error` are the results."""
@@ -49,6 +55,7 @@ class ArRow:
     generator: torch.Generator | None
     should_stop: Callable[[], bool] | None = None
     owner: Any = None  # whatever the scheduler needs to find the row's request
+    text_len: int = 0  # new (not enrolled) text tokens, for information
     frames: list[int] = field(default_factory=list)
     error: Exception | None = None
     # Decoding state, set by ArBatch.add.
@@ -71,7 +78,7 @@ class ArBatch:
     def add(self, row: ArRow) -> None:
         """Prefill `row` (text + BOS + prompt) so it takes part in the next step."""
         s, p = row.x.shape[0], row.prompt_len
-        row.max_frames = MAX_FRAMES_PER_TOKEN * s
+        row.max_frames = frame_limit(row)
         # The last generated frame is never fed back: S + 1 + P + max_frames - 1 positions at most.
         rows = s + 1 + p + min(INITIAL_FRAMES, row.max_frames - 1)
         row.cache = self.model.new_cache(rows)

@@ -193,7 +193,7 @@ class Scheduler:
                              dtype=torch.long, device=dev)
         gen = torch.Generator(device=dev).manual_seed(req.seeds[i])
         row = ArRow(x, langs, codes[:, 0], req.top_k, req.temperature, gen, req.should_stop,
-                    owner=(req, i, codes, ids))
+                    owner=(req, i, codes, ids), text_len=len(ids))
         try:
             self.batch.add(row)
         except Exception as exc:
