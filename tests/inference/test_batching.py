@@ -180,3 +180,18 @@ def test_engine_synthesize_pieces_concatenate_and_cancel(engine: Engine, prompt:
     with pytest.raises(Timeout) as info:
         engine.synthesize(REQUESTS[0][0], prompt, Sampling(seed=3), should_stop=lambda: True)
     assert info.value.reason == "CANCELLED"
+
+
+def test_fixed_pieces_run_in_parallel_after_the_first(engine: Engine, prompt: Prompt) -> None:
+    req = engine.new_request(REQUESTS[0][0], prompt, Sampling(top_k=1), long_mode="fixed")
+    sched = Scheduler(engine, max_batch=4)
+    sched.add(req)
+    sizes = []
+    while not sched.idle:
+        sched.schedule()
+        sizes.append(sched.batch_size)
+        sched.step()
+    first = 16 * (4 + 3)  # piece 0: enrolled 4 + 3 tokens, greedy -> never EOS
+    assert set(sizes[:first]) == {1}  # the first piece alone: its audio comes as early as it can
+    assert max(sizes) == 2  # then the other two pieces side by side
+    assert req.error is None and len(req.audio) == 3

@@ -97,3 +97,21 @@ def test_non_finite_logits_are_a_typed_error_and_the_next_request_succeeds(
         poisoned.synthesize([([12, 30], "en"), (ids, "en")], None, sampling)
     codes = poisoned.generate_codes([12, 30, 41], "en", None, sampling)
     assert codes.shape == (16 * 3, 8) and codes.min() >= 0 and codes.max() < 1024
+
+
+def test_non_finite_row_leaves_its_batch_neighbours_alone(poisoned: Engine) -> None:
+    from vallexd.inference.scheduler import Scheduler
+
+    good = [([12, 30, 41], "en")]
+    alone = poisoned.synthesize(good, None, Sampling(top_k=1))
+    bad = poisoned.new_request([([12, POISON_AR, 30], "en")], None, Sampling(top_k=0, seed=1))
+    ok = poisoned.new_request(good, None, Sampling(top_k=1))
+    sched = Scheduler(poisoned, max_batch=2)
+    sched.add(bad)
+    sched.add(ok)
+    ended = []
+    while not sched.idle:
+        sched.schedule()
+        ended += sched.step()
+    assert ended[0] is bad and type(bad.error).__name__ == "NonFiniteLogits"
+    assert ok.error is None and (ok.result() == alone).all()

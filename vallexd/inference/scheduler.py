@@ -9,7 +9,7 @@ time, and between two AR steps:
   `on_piece` in piece order;
 - free rows go first to running requests that have none (the next piece of a sliding request),
   then to new requests (FIFO), then to further pieces of running `fixed` requests (they are
-  independent, so a long text uses the batch even alone);
+  independent, so a long text uses the batch even alone, once its first piece is out);
 - a request whose row failed (cancelled, non-finite logits) loses its other rows at once.
 
 Every piece has its own generator, seeded from a seed list drawn from the request's generator
@@ -80,8 +80,12 @@ class Request:
         """May this request start its next piece now?"""
         if self.error is not None or self.started == self.total:
             return False
+        if not self.sliding:
+            # Fixed pieces are independent, but the first runs alone until its audio is out: rows
+            # beside it would slow its steps, and time to first audio matters most.
+            return bool(self.audio) or not self.rows
         # A sliding piece needs the previous one finished (its codes may be the next prompt).
-        return not self.sliding or (not self.rows and len(self.audio) + len(self.done) == self.started)
+        return not self.rows and len(self.audio) + len(self.done) == self.started
 
     def result(self) -> np.ndarray:
         """The whole audio: the concatenation of the pieces (float32, 24 kHz)."""
