@@ -141,7 +141,7 @@ async def test_synthesize_then_cache_hit_without_model(tmp_path: Path, tiny_mode
         assert status["model_loaded"] and status["model_identity"] == service.worker.engine.identity
         assert status["counters"]["cache_hits"] == 3 and status["counters"]["engine_runs"] == 2
         assert status["cache"]["files"] == 1 and status["queue_depth"] == 0 and status["in_flight"] == 0
-        assert status["max_batch"] == 1 and status["batch_size"] == 0
+        assert status["max_batch"] == service.config.max_batch == 4 and status["batch_size"] == 0
         assert status["device"] == "cpu" and status["static_url"] == "http://127.0.0.1:8099"
     finally:
         await service.drain(1.0)
