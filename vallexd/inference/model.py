@@ -238,10 +238,11 @@ class Decoder(nn.Module):
             for r in range(b):
                 c, p = caches[r][i], pos[r]  # (2, H, cap, hd)
                 c[:, :, p].copy_(qkv[r, 1:])  # k and v of the new position, one in-place write
+                kv = c[:, None, :, : p + 1]  # (2, 1, H, p+1, hd): 4-D, as the fused CPU kernel wants
                 ys.append(F.scaled_dot_product_attention(
-                    qkv[r, 0].view(heads, 1, hd), c[0, :, : p + 1], c[1, :, : p + 1]
-                ))  # (H, 1, hd): one query sees every cached position, no mask needed
-            y = torch.stack(ys).view(b, 1, d)
+                    qkv[r, 0].view(1, heads, 1, hd), kv[0], kv[1]
+                ))  # (1, H, 1, hd): one query sees every cached position, no mask needed
+            y = torch.cat(ys).view(b, 1, d)
             x = x + linear(y, attn.out_proj.weight, attn.out_proj.bias)
             x = self.feed_forward(x, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
                                   layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
