@@ -55,7 +55,7 @@ def cpu_features() -> str:
 
 
 # ------------------------------------------------------------------ the child: one configuration
-def build_engine(dtype: str, compiled: bool, device: str) -> Any:
+def build_engine(dtype: str, compiled: bool, device: str, small: bool = False) -> Any:
     import torch
 
     from vallexd.inference import batch
@@ -67,10 +67,11 @@ def build_engine(dtype: str, compiled: bool, device: str) -> Any:
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = VallEX(ModelConfig()).to(dev).eval().requires_grad_(False)  # 1024 / 16 / 12
+    cfg = ModelConfig(d_model=128, n_heads=4, n_layers=2) if small else ModelConfig()  # 1024 / 16 / 12
+    model = VallEX(cfg).to(dev).eval().requires_grad_(False)
     if dtype != "float32":
         model.set_matmul_dtype(DTYPES[dtype])
-    config = vocos_config()
+    config = vocos_config(dim=64, intermediate_dim=192, num_layers=1) if small else vocos_config()
     vocos = build_vocos(config)
     vocos.load_state_dict(random_vocos_state(random_encodec(), config), strict=False)
     engine = Engine(model, Vocoder(vocos.eval(), dev), dev, DTYPES[dtype], f"bench-{dtype}")
@@ -182,7 +183,7 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = build_engine(args.dtype, args.compile, args.device)
+    engine = build_engine(args.dtype, args.compile, args.device, args.small)
     rows = asyncio.run(run_config(engine, [int(n) for n in args.n.split(",")], args.quick))
     print(json.dumps(rows))
 
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--n", default=None, help="comma-separated N values (default 1,2,4,8; quick: 1,4)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--small", action="store_true", help="a small model: checks the script itself")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
@@ -220,7 +222,7 @@ def main() -> None:
     for dtype, compiled in configs:
         cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--n", args.n, "--threads",
                str(args.threads), "--device", args.device] + (["--quick"] if args.quick else []) + (
-               ["--compile"] if compiled else [])
+               ["--compile"] if compiled else []) + (["--small"] if args.small else [])
         print(f"# running {dtype}{' compiled' if compiled else ''} ...", flush=True)
         # The child's progress lines (stderr) show as it goes; its stdout is the JSON result.
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
