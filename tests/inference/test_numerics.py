@@ -115,3 +115,14 @@ def test_non_finite_row_leaves_its_batch_neighbours_alone(poisoned: Engine) -> N
         ended += sched.step()
     assert ended[0] is bad and type(bad.error).__name__ == "NonFiniteLogits"
     assert ok.error is None and (ok.result() == alone).all()
+
+
+def test_native_bf16_detection_reads_cpu_flags(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert not cpu_has_native_bf16(str(info))
+    info.write_text("flags\t\t: amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(str(info))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
