@@ -250,25 +250,27 @@ class _Splitter:
         measurement of each piece; a piece that measures over budget is cut in two again.
 
         An atom with nothing to speak never starts a piece, so every piece has something to say.
-        `short_first`: when the text needs more than one piece anyway, the first piece is its first
-        sentence (or clause, for a sentence over the budget) alone, so its audio comes quickly.
+        `short_first`: when the text needs more than one piece anyway, the first piece is packed to
+        a third of the budget only (~40 tokens, ~3 s of speech): its first sentence alone, or its
+        first clauses or words when that sentence is long, so its audio comes quickly.
         """
-        if short_first:
-            first = next(i for i, a in enumerate(atoms) if a.cost) + 1
-            rest = atoms[first:]
-            if any(a.cost for a in rest) and len(self._groups(atoms)) > 1:
-                return self._verified(atoms[:first]) + self.pack(rest)
+        if short_first and len(self._groups(atoms)) > 1:
+            first = self._groups(atoms, max(self.budget // 3, 1))[0]
+            rest = atoms[len(first):]
+            if any(a.cost for a in rest):
+                return self._verified(first) + self.pack(rest)
         pieces: list[str] = []
         for group in self._groups(atoms):
             pieces.extend(self._verified(group))
         return pieces
 
-    def _groups(self, atoms: list[_Atom]) -> list[list[_Atom]]:
+    def _groups(self, atoms: list[_Atom], budget: int | None = None) -> list[list[_Atom]]:
+        budget = budget or self.budget
         groups: list[list[_Atom]] = []
         current: list[_Atom] = []
         estimate = 0
         for atom in atoms:
-            if estimate and atom.cost and estimate + atom.cost + 1 > self.budget:
+            if estimate and atom.cost and estimate + atom.cost + 1 > budget:
                 groups.append(current)
                 current, estimate = [], 0
             current.append(atom)
