@@ -12,7 +12,7 @@ from conftest import REFERENCE, require_shared
 
 from vallexd.errors import ErrorCode, InvalidArgument, NotFound, Unavailable
 from vallexd.inference.checkpoint import CheckpointError, infer_config, load_model, read_checkpoint
-from vallexd.inference.devices import resolve_device, resolve_dtype
+from vallexd.inference.devices import cpu_has_native_bf16, resolve_device, resolve_dtype
 from vallexd.inference.model import ModelConfig, VallEX
 
 TINY_CKPT = REFERENCE / "model-tiny" / "checkpoint.pt"
@@ -146,9 +146,16 @@ def test_devices_and_dtypes() -> None:
     assert resolve_device("cpu") == cpu
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("float32", cpu) == torch.float32
-    with pytest.raises(InvalidArgument) as info:  # bfloat16 where native: tests/inference/test_devices.py
+    with pytest.raises(InvalidArgument) as info:
         resolve_dtype("float16", cpu)
     assert info.value.reason == "BAD_DTYPE"
+    # bfloat16 on the CPU: allowed only where the CPU computes it natively (mixed precision).
+    if cpu_has_native_bf16():
+        assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    else:
+        with pytest.raises(InvalidArgument) as info:
+            resolve_dtype("bfloat16", cpu)
+        assert info.value.reason == "BAD_DTYPE"
     with pytest.raises(InvalidArgument):
         resolve_dtype("float64", cpu)
     with pytest.raises(InvalidArgument) as dev:

@@ -120,7 +120,8 @@ def test_old_api_language_names() -> None:
         assert map_old_request({"textPrompt": "x", "language": name})["language"] == code
     params = map_old_request({"textPrompt": "x", "character": "Y'shtola", "noaccent": False,
                               "longprompt": True})
-    assert params == {"text": "x", "voice": "Y'shtola", "accent": "request", "long": True, "return": "path"}
+    assert params == {"text": "x", "voice": "Y'shtola", "accent": "request", "long": True,
+                      "long_mode": "sliding", "return": "path"}  # what the reference ran for longprompt
     with pytest.raises(InvalidArgument):
         map_old_request({"textPrompt": "x", "language": "fr"})
 

@@ -105,6 +105,16 @@ def test_speak_long_text_shows_progress(daemon: DaemonProcess) -> None:
     assert "speaking  1/2 pieces" in result.stderr and "speaking  2/2 pieces" in result.stderr
 
 
+def test_speak_long_mode_reaches_the_daemon(daemon: DaemonProcess) -> None:
+    text = "Hello there. Good day."
+    fixed = json.loads(ctl(daemon, "speak", "--long-mode", "fixed", "--json", "--seed", "2", text).stdout)
+    sliding = json.loads(ctl(daemon, "speak", "--long-mode", "sliding", "--json", "--seed", "2", text).stdout)
+    # Without a voice a request always slides: both spellings are the same cache entry.
+    assert sliding["cached"] is True and sliding["cache_key"] == fixed["cache_key"]
+    bad = ctl(daemon, "speak", "--long-mode", "window", text)
+    assert bad.exit_code == 2 and "window" in bad.output
+
+
 def test_speak_with_a_voice(daemon: DaemonProcess, tmp_path: Path) -> None:
     # A real prompt file, only very short: the tiny model's work grows with the prompt length.
     rng = np.random.default_rng(0)

@@ -1,9 +1,10 @@
 """Service + worker on the tiny random model: WAV results, cache hits without the model, queue limits,
 cancellation, deadlines, long text, seeds, presets, drain.
 
-The engine is the real one (tiny random weights).  `EngineProbe` wraps its `synthesize` method on the
-instance to count calls and, where a test needs a job to stay "running", to hold it at a gate before
-the real method runs; it never replaces what the engine computes.
+The engine is the real one (tiny random weights).  `EngineProbe` wraps its `new_request` method (the
+model thread calls it once per job it admits to the batch) on the instance to count jobs and, where a
+test needs a job to stay "running", to hold it at a gate before the real method runs; it never replaces
+what the engine computes.
 """
 
 from __future__ import annotations
@@ -33,16 +34,16 @@ async def synth(service: Service, params: dict[str, Any], **kwargs: Any) -> dict
 
 
 class EngineProbe:
-    """Counts calls into the real Engine.synthesize and can hold them at a gate first."""
+    """Counts jobs the model thread admits (Engine.new_request) and can hold it at a gate first."""
 
     def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real = engine.synthesize
+        self.real = engine.new_request
         self.calls = 0
         self.outcomes: list[str] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
-        monkeypatch.setattr(engine, "synthesize", self)
+        monkeypatch.setattr(engine, "new_request", self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -140,6 +141,7 @@ async def test_synthesize_then_cache_hit_without_model(tmp_path: Path, tiny_mode
         assert status["model_loaded"] and status["model_identity"] == service.worker.engine.identity
         assert status["counters"]["cache_hits"] == 3 and status["counters"]["engine_runs"] == 2
         assert status["cache"]["files"] == 1 and status["queue_depth"] == 0 and status["in_flight"] == 0
+        assert status["max_batch"] == service.config.max_batch == 4 and status["batch_size"] == 0
         assert status["device"] == "cpu" and status["static_url"] == "http://127.0.0.1:8099"
     finally:
         await service.drain(1.0)
@@ -197,10 +199,12 @@ async def test_long_text_pieces_and_progress(tmp_path: Path, engine: Any) -> Non
         assert len(pieces) == 2
         events: list[tuple[int, int]] = []
         result = await synth(service, {"text": text, "language": "en", "long": True, "seed": 1,
-                                           "progress": True},
+                                           "top_k": 1, "progress": True},  # greedy: never EOS
                                           progress=lambda done, total: events.append((done, total)))
         assert result["pieces"] == 2 and events == [(1, 2), (2, 2)]
-        expected = sum(frames_for(p) for p in pieces)
+        # No voice: the request slides, so piece 2 is prompted by piece 1 (its phonemes are enrolled).
+        first = len(phonemize(pieces[0], "en").ids)
+        expected = frames_for(pieces[0]) + frames_for(pieces[1], enrolled=first)
         assert wav_info(result["audio"])[1] == expected * HOP
         whole = await synth(service, {"text": text, "language": "en", "long": False, "seed": 1})
         assert whole["pieces"] == 1 and whole["cache_key"] != result["cache_key"]
@@ -261,8 +265,8 @@ async def test_running_job_stops_when_client_goes(tmp_path: Path, engine: Any,
         assert info.value.reason == "CANCELLED"
         probe.gate.set()
         await _wait_for(lambda: service.worker.in_flight == 0)
-        # The real engine saw should_stop() and gave up at its first AR step.
-        assert probe.outcomes == ["TIMEOUT:CANCELLED"]
+        # The job reached the batch, saw should_stop() and left it at its first AR step.
+        assert probe.outcomes == ["ok"] and service.worker.failure_reasons == {"CANCELLED": 1}
         assert (await service.cache_stats())["files"] == 0
     finally:
         probe.gate.set()
@@ -285,7 +289,8 @@ async def test_request_timeout(tmp_path: Path, engine: Any, monkeypatch: pytest.
         assert service.worker.queue_depth == 0  # the overdue queued job left the queue at once
         probe.gate.set()
         await _wait_for(lambda: service.worker.in_flight == 0)
-        assert probe.outcomes == ["TIMEOUT:CANCELLED"] and probe.calls == 1  # queued one never ran
+        assert probe.calls == 1  # the queued one never reached the model
+        assert service.worker.failure_reasons == {"CANCELLED": 1}
     finally:
         probe.gate.set()
         await service.drain(1.0)
@@ -492,18 +497,18 @@ async def test_health_is_cheap_and_reports_draining(tmp_path: Path, engine: Any)
 async def test_no_progress_after_the_request_ended(tmp_path: Path, engine: Any,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     service = await started(make_config(tmp_path, None, long_budget=16), engine)
-    real = engine.synthesize
+    real = engine.new_request
     reached, release = threading.Event(), threading.Event()
 
-    def held_progress(*args: Any, progress: Any = None, **kwargs: Any) -> Any:
-        def late(done: int, total: int) -> None:  # the model thread stalls right before reporting
+    def held_progress(*args: Any, on_piece: Any = None, **kwargs: Any) -> Any:
+        def late(i: int, total: int, audio: Any) -> None:  # the model thread stalls right before reporting
             reached.set()
             release.wait(30)
-            progress(done, total)
+            on_piece(i, total, audio)
 
-        return real(*args, progress=late, **kwargs)
+        return real(*args, on_piece=late, **kwargs)
 
-    monkeypatch.setattr(engine, "synthesize", held_progress)
+    monkeypatch.setattr(engine, "new_request", held_progress)
     try:
         events: list[tuple[int, int]] = []
         gone = asyncio.Event()
@@ -521,3 +526,35 @@ async def test_no_progress_after_the_request_ended(tmp_path: Path, engine: Any,
     finally:
         release.set()
         await service.drain(1.0)
+
+
+async def test_long_mode_field_cache_key_and_old_api_mapping(tmp_path: Path, engine: Any) -> None:
+    from vallexd.server.http_api import map_old_request
+
+    service = await started(make_config(tmp_path, None, long_budget=16), engine)
+    try:
+        import numpy as np
+
+        prompt = Prompt(audio_tokens=np.arange(5 * 8).reshape(1, 5, 8), text_tokens=np.array([[20, 21]]),
+                        language="en")
+        await service.presets_install({"name": "v", "data": prompt_to_bytes(prompt)})
+        text = "Go home now. Be very calm. Sit down."
+        base = {"text": text, "language": "en", "voice": "v", "seed": 4, "top_k": 1}
+        fixed = await synth(service, base)  # with a voice the default is fixed
+        assert (await synth(service, {**base, "long_mode": "fixed"}))["cached"] is True
+        sliding = await synth(service, {**base, "long_mode": "sliding"})
+        assert sliding["cached"] is False and sliding["cache_key"] != fixed["cache_key"]
+        pieces = split_text(text, "en", budget=16, short_first=True)
+        assert fixed["pieces"] == len(pieces) == 3
+        assert wav_info(fixed["audio"])[1] == sum(frames_for(p, enrolled=2) for p in pieces) * HOP
+        # Without a voice the request slides whatever it asks: both spellings are one cache entry.
+        a = await synth(service, {"text": text, "language": "en", "seed": 4, "long_mode": "fixed"})
+        b = await synth(service, {"text": text, "language": "en", "seed": 4, "long_mode": "sliding"})
+        assert b["cached"] is True and a["cache_key"] == b["cache_key"]
+        with pytest.raises(InvalidArgument) as info:
+            await synth(service, {**base, "long_mode": "window"})
+        assert info.value.details["field"] == "long_mode"
+    finally:
+        await service.drain(1.0)
+    assert map_old_request({"textPrompt": "Hi.", "longprompt": True})["long_mode"] == "sliding"
+    assert "long_mode" not in map_old_request({"textPrompt": "Hi.", "longprompt": False})

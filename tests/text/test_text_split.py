@@ -260,3 +260,17 @@ def test_whitespace_only_differences_round_trip() -> None:
     text = "  One sentence here.\n\n\tAnother one there.  \r\n Last.  "
     pieces = check_split(text, "en", MIN_PHONEME_BUDGET)
     assert WS.sub("", "".join(pieces)) == WS.sub("", text)
+
+
+def test_short_first_piece_only_when_the_text_needs_several_pieces() -> None:
+    text = "Go home now. Be very calm. It is fine. The sky is blue today."
+    assert split_text(text, "en", budget=120, short_first=True) == [text]  # one piece stays one
+    plain = split_text(text, "en", budget=30)
+    short = split_text(text, "en", budget=30, short_first=True)
+    assert short[0] == "Go home now. " and plain[0] != short[0]
+    assert "".join(short) == text == "".join(plain)
+    assert all(len(phonemize(p, "en").ids) <= 30 for p in short)
+    zh = "今天天气很好。我们去公园散步吧！然后一起吃晚饭。"  # 36 + 37 + 36 tokens
+    assert split_text(zh, "zh", budget=80) == ["今天天气很好。我们去公园散步吧！", "然后一起吃晚饭。"]
+    assert split_text(zh, "zh", budget=80, short_first=True) == [
+        "今天天气很好。", "我们去公园散步吧！然后一起吃晚饭。"]

@@ -64,12 +64,16 @@ def read_text(text: str | None) -> str:
 
 
 def speak_params(text: str, *, voice: str | None, language: str, accent: str, long: bool | None,
-                 seed: int | None, top_k: int, temperature: float, want_audio: bool) -> dict[str, Any]:
-    return {
+                 seed: int | None, top_k: int, temperature: float, want_audio: bool,
+                 long_mode: str | None = None) -> dict[str, Any]:
+    params = {
         "text": text, "voice": voice, "language": language, "accent": accent,
         "long": "auto" if long is None else long, "seed": seed, "top_k": top_k,
         "temperature": temperature, "return": "audio" if want_audio else "path", "progress": True,
     }
+    if long_mode is not None:
+        params["long_mode"] = long_mode
+    return params
 
 
 #: How long `speak` waits for a daemon that is still loading its model, unless --timeout says.
@@ -102,6 +106,9 @@ def call_when_ready(client: Client, method: str, params: dict[str, Any], *,
               help="native: each token in its own language; request: the text's language; or force one.")
 @click.option("--long/--no-long", default=None,
               help="Split into sentences and speak them one by one [default: when the text is long].")
+@click.option("--long-mode", type=click.Choice(["fixed", "sliding"]), default=None,
+              help="How pieces of a long text are prompted: fixed = each by the voice; sliding = on a coin "
+                   "by the piece just spoken [default: fixed with --voice, sliding without].")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Random seed, for repeatable output.")
 @click.option("--fresh", is_flag=True,
               help="A new take: run the model even when the cache has this request (the new WAV "
@@ -124,8 +131,9 @@ def call_when_ready(client: Client, method: str, params: dict[str, Any], *,
               help="Show progress of long text on stderr [default: when stderr is a terminal].")
 @json_option
 def speak(text: str | None, voice: str | None, language: str, accent: str, long: bool | None,
-          seed: int | None, fresh: bool, top_k: int, temperature: float, output: Path | None,
-          to_stdout: bool, play: bool, fmt: str | None, stream: bool, progress: bool | None) -> None:
+          long_mode: str | None, seed: int | None, fresh: bool, top_k: int, temperature: float,
+          output: Path | None, to_stdout: bool, play: bool, fmt: str | None, stream: bool,
+          progress: bool | None) -> None:
     """Speak TEXT (or stdin) with vallexd.
 
     Without -o/--stdout/--play it prints where the daemon cached the WAV
@@ -140,7 +148,7 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
     text = _read_checked_text(text, voice)
     want_audio = bool(output or to_stdout or play)
     params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
-                          top_k=top_k, temperature=temperature, want_audio=want_audio)
+                          top_k=top_k, temperature=temperature, want_audio=want_audio, long_mode=long_mode)
     if fresh:
         params["fresh"] = True
     if fmt != "wav":

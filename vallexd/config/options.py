@@ -242,6 +242,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("threads", "threads", _non_negative_int,
            "CPU threads for the model; 0 = torch's default (one per core). On a busy or shared machine "
            "1 is often faster: see bench/bench_model.py --threads", metavar="N"),
+    Option("max_batch", "max_batch", _positive_int,
+           "most AR rows decoded together (concurrent requests and fixed-mode pieces share steps); each "
+           "row's float32 k/v cache takes n_layers x 2 x d_model x 4 bytes per position (96 KiB for the "
+           "full model: ~55-180 MB for a typical row)", metavar="N"),
+    Option("compile", "compile", _bool,
+           "apply torch.compile to the model at start, before READY (the log gives the compile time)", "on"),
     Option("http_host", "http_host", _string, "address of the optional HTTP API", metavar="HOST"),
     Option("http_port", "http_port", _optional(_port),
            "port of the HTTP API; unset or 'off' disables it (0 picks a free port)", metavar="PORT"),

@@ -42,6 +42,8 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    max_batch: int = 4  # AR rows decoded together (see bench/bench_serving.py)
+    compile: bool = False  # torch.compile at start
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     http_token: str | None = None

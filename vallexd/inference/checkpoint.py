@@ -134,7 +134,10 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> VallEX:
     # assign=True adopts the loaded tensors instead of copying them into fresh ones.
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign replaced the shared parameters with the file's two copies: re-tie
-    model.to(device=device, dtype=dtype)
+    # Mixed precision: everything float32, then only the decoders' matmul weights in `dtype`.
+    model.to(device=device, dtype=torch.float32)
+    if dtype != torch.float32:
+        model.set_matmul_dtype(dtype)
     model.tie_weights()  # idempotent; keeps the tie even if a conversion mode made new Parameters
     model.requires_grad_(False)
     return model.eval()

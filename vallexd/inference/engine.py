@@ -22,7 +22,8 @@ from vallexd.constants import HOP, MIN_TEMPERATURE, MODEL_LANGUAGES, NUM_QUANTIZ
 from vallexd.errors import Internal, InvalidArgument, Timeout
 from vallexd.inference.checkpoint import load_model
 from vallexd.inference.devices import describe, dtype_name, memory_now, open_device
-from vallexd.inference.model import Cancelled, VallEX, language_ids
+from vallexd.inference.model import Cancelled, NonFiniteLogits, VallEX, language_ids
+from vallexd.inference.scheduler import LONG_MODES, PieceFn, Request, Scheduler
 from vallexd.inference.vocoder import Vocoder, vocoder_device
 from vallexd.storage.fsutil import sha256_file
 from vallexd.storage.prompts import LANG_CODES, Prompt, validate_arrays
@@ -48,6 +49,16 @@ def _check_language(lang: object, what: str) -> str:
     return str(lang)
 
 
+def model_error(exc: Exception) -> Exception:
+    """The typed error for a model-level exception (Cancelled, NonFiniteLogits); others unchanged."""
+    if isinstance(exc, Cancelled):
+        return Timeout("synthesis cancelled", reason="CANCELLED")
+    if isinstance(exc, NonFiniteLogits):
+        return Internal(f"the model produced non-finite logits ({exc.stage} stage)", reason="NON_FINITE",
+                        details={"stage": exc.stage})
+    return exc
+
+
 class Engine:
     sample_rate: int = SAMPLE_RATE
 
@@ -59,6 +70,7 @@ class Engine:
         self._device = device
         self._dtype = dtype
         self.identity = identity
+        self.compiled = False
         self._device_info: dict[str, Any] | None = None
 
     @property
@@ -87,7 +99,7 @@ class Engine:
         model = load_model(Path(checkpoint), dev, dt)
         vocoder = Vocoder.load(Path(vocos_dir), vocoder_device(dev))
         # Content digest of everything that shapes the audio: model weights, vocoder, numeric precision.
-        h = hashlib.sha256(b"vallexd-engine-v1\0")
+        h = hashlib.sha256(b"vallexd-engine-v2\0")
         for part in (
             Path(checkpoint),
             Path(vocos_dir) / "config.yaml",
@@ -100,28 +112,26 @@ class Engine:
         engine._device_info = describe(dev)  # here, in the model thread: status only reads it
         return engine
 
+    def compile(self) -> None:
+        """torch.compile the model's dense parts and build every graph now (see compiled.py)."""
+        from vallexd.inference.compiled import compile_model, warm_up
+
+        compile_model(self.model)
+        warm_up(self)
+        self.compiled = True
+
     def make_generator(self, sampling: Sampling) -> torch.Generator:
         """A request's own generator: seeded from the request, else from `secrets` (never the global RNG)."""
         gen = torch.Generator(device=self._device)
         gen.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
         return gen
 
-    def _inputs(
+    def _validate(
         self, text_ids: Sequence[int], text_language: str | Sequence[str], prompt: Prompt | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Validate and build (x (S,), langs (S,), prompt codes (P, 8)) on the model's device."""
-        x, lang_rows, codes = self._validated(text_ids, text_language, prompt)
-        dev = self._device
-        return (
-            torch.tensor(x, dtype=torch.long, device=dev),
-            torch.tensor(lang_rows, dtype=torch.long, device=dev),
-            torch.as_tensor(codes, dtype=torch.long, device=dev),
-        )
+    ) -> tuple[list[int], str | list[str], list[int], np.ndarray, str]:
+        """Check one piece: (ids, text language(s), enrolled ids, prompt codes (P, 8), prompt language).
 
-    def _validated(
-        self, text_ids: Sequence[int], text_language: str | Sequence[str], prompt: Prompt | None
-    ) -> tuple[list[int], list[int], np.ndarray]:
-        """Check one piece on the host: (ids, language rows, prompt codes (P, 8)); raises InvalidArgument."""
+        Host-side only (no device tensors); raises InvalidArgument."""
         ids = list(text_ids)
         if not ids:
             raise InvalidArgument("text_ids is empty", reason="EMPTY_TEXT")
@@ -154,8 +164,17 @@ class Engine:
         else:
             enroll, codes = [], np.zeros((0, NUM_QUANTIZERS), dtype=np.int64)
             prompt_language = text_language if isinstance(text_language, str) else text_language[0]
+        return [int(i) for i in ids], text_language, enroll, codes, prompt_language
+
+    def _inputs(
+        self, text_ids: Sequence[int], text_language: str | Sequence[str], prompt: Prompt | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate and build (x (S,), langs (S,), prompt codes (P, 8)) on the model's device."""
+        ids, text_language, enroll, codes, prompt_language = self._validate(text_ids, text_language, prompt)
         lang_rows = language_ids(len(enroll), prompt_language, text_language, len(ids))
-        return enroll + [int(i) for i in ids], lang_rows, np.asarray(codes, dtype=np.int64)
+        dev = self._device
+        x = torch.tensor(enroll + ids, dtype=torch.long, device=dev)
+        return x, torch.tensor(lang_rows, dtype=torch.long, device=dev), torch.as_tensor(codes, device=dev)
 
     def generate_codes(
         self,
@@ -180,8 +199,8 @@ class Engine:
                 generator=gen,
                 should_stop=should_stop,
             )
-        except Cancelled:
-            raise Timeout("synthesis cancelled", reason="CANCELLED") from None
+        except (Cancelled, NonFiniteLogits) as exc:
+            raise model_error(exc) from None
         return out.cpu().numpy().astype(np.int64, copy=False)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -196,6 +215,48 @@ class Engine:
             raise Internal(f"vocoder returned {audio.shape[0]} samples for {codes.shape[0]} frames")
         return audio
 
+    def new_request(
+        self,
+        pieces: list[tuple[Sequence[int], str | Sequence[str]]],
+        prompt: Prompt | None,
+        sampling: Sampling,
+        *,
+        long_mode: str = "fixed",
+        should_stop: Callable[[], bool] | None = None,
+        on_piece: PieceFn | None = None,
+        tag: Any = None,
+    ) -> Request:
+        """Validate a whole synthesis (every piece, before any work) into a scheduler Request.
+
+        `long_mode`: "fixed" (every piece prompted by `prompt`) or "sliding" (see scheduler.py);
+        without a prompt a request always slides.  Raises InvalidArgument.
+        """
+        if not pieces:
+            raise InvalidArgument("nothing to synthesize", reason="EMPTY_TEXT")
+        if long_mode not in LONG_MODES:
+            raise InvalidArgument(f"long_mode must be one of {', '.join(LONG_MODES)}, got {long_mode!r}",
+                                  reason="BAD_LONG_MODE")
+        _check_sampling(sampling)
+        checked = [self._validate(ids, langs, prompt) for ids, langs in pieces]
+        _, _, enroll, codes, prompt_language = checked[0]
+        gen = self.make_generator(sampling)
+        # One seed per piece, drawn up front: a piece's draws never depend on how pieces are scheduled.
+        seeds = torch.randint(0, 2**62, (len(pieces),), generator=gen, device=gen.device).tolist()
+        return Request(
+            inputs=[(ids, langs) for ids, langs, _, _, _ in checked],
+            prompt_ids=enroll,
+            prompt_codes=torch.as_tensor(codes, dtype=torch.long, device=self._device),
+            prompt_language=prompt_language,
+            top_k=int(sampling.top_k),
+            temperature=float(sampling.temperature),
+            long_mode="sliding" if prompt is None else long_mode,
+            generator=gen,
+            seeds=[int(s) for s in seeds],
+            should_stop=should_stop,
+            on_piece=on_piece,
+            tag=tag,
+        )
+
     def synthesize(
         self,
         pieces: list[tuple[Sequence[int], str | Sequence[str]]],
@@ -203,32 +264,28 @@ class Engine:
         sampling: Sampling,
         progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        on_audio: Callable[[np.ndarray], None] | None = None,
+        *,
+        long_mode: str = "fixed",
+        on_piece: PieceFn | None = None,
+        max_batch: int = 1,
     ) -> np.ndarray:
-        """One code generation per piece (one generator across pieces), then one vocoder pass.
+        """One request alone (its fixed-mode pieces may share `max_batch` rows): float32 audio, the
+        concatenation of its pieces.  `progress(done, total)` and `on_piece(index, total, audio)`
+        follow each piece in order.  Raises InvalidArgument, Timeout(CANCELLED), Internal(NON_FINITE)."""
 
-        With `on_audio`, each piece is vocoded as soon as its codes are done and handed to
-        on_audio(float32 (T * 320,) at 24 kHz), in order, from this (the model) thread; the return
-        value is then the concatenation of those pieces.
-        """
-        if not pieces:
-            raise InvalidArgument("nothing to synthesize", reason="EMPTY_TEXT")
-        _check_sampling(sampling)
-        # Validate every piece before spending time on any of them (on the host: no device tensors).
-        for ids, langs in pieces:
-            self._validated(ids, langs, prompt)
-        gen = self.make_generator(sampling)
-        all_codes = []
-        audio_pieces = []
-        for i, (ids, langs) in enumerate(pieces):
-            codes = self.generate_codes(ids, langs, prompt, sampling, gen, should_stop)
-            all_codes.append(codes)
-            if on_audio is not None:
-                # Streaming: vocode this piece now so its audio can go out before the next one.
-                audio_pieces.append(self.decode(codes))
-                on_audio(audio_pieces[-1])
+        def piece_done(i: int, total: int, audio: np.ndarray) -> None:
+            if on_piece is not None:
+                on_piece(i, total, audio)
             if progress is not None:
-                progress(i + 1, len(pieces))
-        if on_audio is not None:
-            return np.concatenate(audio_pieces)
-        return self.decode(np.concatenate(all_codes, axis=0))
+                progress(i + 1, total)
+
+        req = self.new_request(pieces, prompt, sampling, long_mode=long_mode, should_stop=should_stop,
+                               on_piece=piece_done)
+        sched = Scheduler(self, max_batch)
+        sched.add(req)
+        while not sched.idle:
+            sched.schedule()
+            sched.step()
+        if req.error is not None:
+            raise model_error(req.error)
+        return req.result()

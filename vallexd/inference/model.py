@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vallexd.constants import BOS, EOS, MAX_FRAMES_PER_TOKEN, MODEL_LANGUAGES, NUM_QUANTIZERS, TEXT_VOCAB
+from vallexd.constants import BOS, MODEL_LANGUAGES, NUM_QUANTIZERS, TEXT_VOCAB
 from vallexd.constants import CODEBOOK_SIZE as NUM_CODES
 
 Device = torch.device | str | None
@@ -62,36 +62,53 @@ class TokenEmbedding(nn.Module):
         return self.word_embeddings(ids)
 
 
-_PE_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
-
-
-def sinusoid_table(length: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """pe[p, 2m] = sin(p / 10000^(2m/d)), pe[p, 2m+1] = cos(...): (length, dim)."""
-    key = (dim, str(device), dtype)
-    cached = _PE_CACHE.get(key)
-    if cached is not None and cached.shape[0] >= length:
-        return cached[:length]
-    n = max(length, 4096)
-    position = torch.arange(0, n, dtype=torch.float32).unsqueeze(1)
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """pe[p, 2m] = sin(p / 10000^(2m/d)), pe[p, 2m+1] = cos(...): (length, dim) float32 on the CPU."""
+    position = torch.arange(0, length, dtype=torch.float32).unsqueeze(1)
     div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
-    pe = torch.zeros(n, dim)
+    pe = torch.zeros(length, dim)
     pe[:, 0::2] = torch.sin(position * div_term)
     pe[:, 1::2] = torch.cos(position * div_term)
-    table = pe.to(device=device, dtype=dtype)
-    _PE_CACHE[key] = table
-    return table[:length]
+    return pe
 
 
 class SinePositionalEmbedding(nn.Module):
-    """x + alpha * pe[start : start + T] (no scaling of x)."""
+    """x + alpha * pe[:T] (no scaling of x), added in float32 as the reference does.
+
+    The table is this module's own float32 buffer (not in the state dict), built once at a size that
+    covers usual requests and regrown (doubled, outside inference mode) only if a longer one comes.
+    """
+
+    INITIAL_ROWS = 2048
 
     def __init__(self, dim: int, device: Device = None) -> None:
         super().__init__()
         self.dim = dim
         self.alpha = nn.Parameter(torch.ones(1, device=device))
+        # Always a real CPU tensor, even when the parameters are built on "meta" for loading.
+        self.register_buffer("pe", sinusoid_table(self.INITIAL_ROWS, dim), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (1, T, d), positions 0..T-1
-        return x + self.alpha * sinusoid_table(x.shape[1], self.dim, x.device, x.dtype)
+    def table(self, length: int) -> torch.Tensor:
+        """(>= length, d) float32 rows on the module's device."""
+        if self.pe.shape[0] < length:
+            with torch.inference_mode(False):  # a normal tensor, whatever mode the caller is in
+                rows = max(length, 2 * self.pe.shape[0])
+                self.pe = sinusoid_table(rows, self.dim).to(self.alpha.device)
+        return self.pe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (1, T, d) float32, positions 0..T-1
+        return x + self.alpha * self.table(x.shape[1])[: x.shape[1]]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with mixed precision: inputs cast to the weight's dtype, the result back to float32.
+
+    In float32 this is exactly F.linear.  With half weights (`VallEX.set_matmul_dtype`) only the
+    matmul runs in half; the residual stream, norms, softmax and predict layers stay float32.
+    """
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias).float()
 
 
 class AdaptiveLayerNorm(nn.Module):
@@ -104,7 +121,8 @@ class AdaptiveLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-5, device=device)
 
     def forward(self, x: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:  # stage: (1, d)
-        weight, bias = torch.split(self.project_layer(stage), self.dim, dim=-1)
+        proj = self.project_layer
+        weight, bias = torch.split(linear(stage, proj.weight, proj.bias), self.dim, dim=-1)
         return weight * self.norm(x) + bias
 
 
@@ -129,17 +147,17 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,  # (1, t, d)
         mask: torch.Tensor | None = None,  # (t, t') bool, True = may attend
-        cache: torch.Tensor | None = None,  # (2, 1, H, Lmax, hd), preallocated; rows 0..t-1 filled here
+        cache: torch.Tensor | None = None,  # (2, H, cap, hd) float32, one row's; rows 0..t-1 filled here
     ) -> torch.Tensor:
         b, t, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (1, t, 3d): one fused matmul
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (1, t, 3d): one fused matmul
         q, k, v = qkv.view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each (1, H, t, hd)
         if cache is not None:
             # The prefill writes the prefix's keys/values in place; Decoder.step appends one row a step.
-            cache[0, :, :, :t].copy_(k)
-            cache[1, :, :, :t].copy_(v)
+            cache[0, :, :t].copy_(k[0])
+            cache[1, :, :t].copy_(v[0])
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (1, H, t, hd)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+        return linear(y.transpose(1, 2).reshape(b, t, d), self.out_proj.weight, self.out_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -166,14 +184,24 @@ class DecoderLayer(nn.Module):
         cache: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self._norm(self.norm1, x, stage), mask, cache)
-        h = F.relu(self.linear1(self._norm(self.norm2, x, stage)))
-        return x + self.linear2(h)
+        h = F.relu(linear(self._norm(self.norm2, x, stage), self.linear1.weight, self.linear1.bias))
+        return x + linear(h, self.linear2.weight, self.linear2.bias)
+
+
+def feed_forward(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, w1: torch.Tensor,
+                 b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """x + linear2(relu(linear1(layer_norm(x)))): the AR step's feed-forward half of a layer (x (B, 1, d)).
+
+    A plain function of tensors so that `--compile` can swap in one compiled graph for every layer."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, 1e-5)
+    return x + linear(F.relu(linear(h, w1, b1)), w2, b2)
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, adaptive: bool, device: Device = None) -> None:
         super().__init__()
         self.adaptive = adaptive
+        self.feed_forward = feed_forward  # replaced by a compiled version under --compile
         self.layers = nn.ModuleList(DecoderLayer(cfg, adaptive, device) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg.d_model, adaptive, device)
 
@@ -182,46 +210,51 @@ class Decoder(nn.Module):
         x: torch.Tensor,
         stage: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        cache: torch.Tensor | None = None,  # (n_layers, 2, 1, H, Lmax, hd)
+        cache: torch.Tensor | None = None,  # (n_layers, 2, H, cap, hd): one row's k/v cache
     ) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x, stage, mask, None if cache is None else cache[i])
         return self.norm(x, stage) if self.adaptive else self.norm(x)
 
-    def step(self, x: torch.Tensor, cache: torch.Tensor, pos: int) -> torch.Tensor:
-        """One new row (1, 1, d) through every layer: the AR decoding hot path.
+    def step(self, x: torch.Tensor, caches: Sequence[torch.Tensor], pos: Sequence[int]) -> torch.Tensor:
+        """One new position for each of B rows: x (B, 1, d) -> (B, 1, d). The AR decoding hot path.
 
-        The same computation as `forward` (tests compare it with a full recomputation), written
-        with plain functional calls: per token this runs 12 layers x ~12 ops, and module-call
-        overhead would otherwise be a visible share of a ~50 ms memory-bound step.
+        Row r writes its k/v at `pos[r]` of its own cache `caches[r]` (n_layers, 2, H, cap, hd) and
+        attends to its rows 0..pos[r]: rows of different lengths need no padding and no mask, so a
+        row's numbers are those of a lone run up to matmul rounding.  The weight matmuls are shared
+        by the whole batch (the point of batching: one pass over the weights per step).  Plain
+        functional calls: per token this runs n_layers x ~12 ops, and module-call overhead would
+        otherwise be a visible share of a memory-bound step.
         """
         assert not self.adaptive
-        d = x.shape[-1]
+        b, _, d = x.shape
         shape = (d,)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             heads, hd = attn.n_heads, attn.head_dim
             h = F.layer_norm(x, shape, layer.norm1.weight, layer.norm1.bias, 1e-5)
-            qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(3, heads, hd)
-            c = cache[i]  # (2, 1, H, Lmax, hd)
-            c[:, 0, :, pos].copy_(qkv[1:])  # k and v of the new row, one in-place write
-            y = F.scaled_dot_product_attention(
-                qkv[0].view(1, heads, 1, hd), c[0, :, :, : pos + 1], c[1, :, :, : pos + 1]
-            )  # one query row sees every cached row: no mask needed
-            x = x + F.linear(y.view(1, 1, d), attn.out_proj.weight, attn.out_proj.bias)
-            h = F.layer_norm(x, shape, layer.norm2.weight, layer.norm2.bias, 1e-5)
-            h = F.relu(F.linear(h, layer.linear1.weight, layer.linear1.bias))
-            x = x + F.linear(h, layer.linear2.weight, layer.linear2.bias)
+            qkv = linear(h, attn.in_proj_weight, attn.in_proj_bias).view(b, 3, heads, hd)
+            ys = []
+            for r in range(b):
+                c, p = caches[r][i], pos[r]  # (2, H, cap, hd)
+                c[:, :, p].copy_(qkv[r, 1:])  # k and v of the new position, one in-place write
+                kv = c[:, None, :, : p + 1]  # (2, 1, H, p+1, hd): 4-D, as the fused CPU kernel wants
+                ys.append(F.scaled_dot_product_attention(
+                    qkv[r, 0].view(1, heads, 1, hd), kv[0], kv[1]
+                ))  # (1, H, 1, hd): one query sees every cached position, no mask needed
+            y = torch.cat(ys).view(b, 1, d)
+            x = x + linear(y, attn.out_proj.weight, attn.out_proj.bias)
+            x = self.feed_forward(x, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+                                  layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
         return F.layer_norm(x, shape, self.norm.weight, self.norm.bias, 1e-5)
 
 
 def sample_token(
     logits: torch.Tensor, top_k: int, temperature: float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One draw from (1, V) logits -> (1,) token id, on the logits' device (no host sync here)."""
+    """One draw from (1, V) float32 logits -> (1,) token id, on the logits' device (no host sync here)."""
     if top_k == 1:
         return logits.argmax(dim=-1)  # k = 1 is greedy by definition; no RNG draw
-    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -233,6 +266,16 @@ def sample_token(
 
 class Cancelled(Exception):
     """`should_stop` returned True: the caller abandoned this generation (the engine maps it)."""
+
+
+class NonFiniteLogits(Exception):
+    """A stage produced NaN or infinite logits (overflow, broken weights); the engine maps it to
+    Internal(NON_FINITE).  Checked in the AR loop's one host read per step and once per NAR stage,
+    so nothing is ever sampled from them (on CUDA, multinomial would trip a sticky device assert)."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(f"non-finite logits in the {stage} stage")
+        self.stage = stage
 
 
 def _poll(should_stop: Callable[[], bool] | None) -> None:
@@ -290,6 +333,19 @@ class VallEX(nn.Module):
         for k in range(NUM_QUANTIZERS - 2):
             self.nar_predict_layers[k].weight = self.nar_audio_embeddings[k + 2].word_embeddings.weight
 
+    def set_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """Mixed precision: the decoders' matmul weights (q/k/v, out, feed-forward, adaptive-norm
+        projections) in `dtype`; embeddings, norms, position tables, both predict layers, the k/v
+        cache and the residual stream stay float32.  State-dict keys are unchanged."""
+        for dec in (self.ar_decoder, self.nar_decoder):
+            for mod in dec.modules():
+                if isinstance(mod, (SelfAttention, nn.Linear)):
+                    mod.to(dtype)
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        return self.ar_decoder.layers[0].linear1.weight.dtype
+
     def _text(
         self,
         emb: TokenEmbedding,
@@ -300,7 +356,39 @@ class VallEX(nn.Module):
     ) -> torch.Tensor:
         return pos((emb(x) + lang_emb(langs)).unsqueeze(0))  # (1, S, d)
 
+    def new_cache(self, rows: int) -> torch.Tensor:
+        """An empty float32 k/v cache for one AR row: (n_layers, 2, H, rows, hd)."""
+        cfg = self.cfg
+        dev = self.ar_predict_layer.weight.device
+        return torch.empty(cfg.n_layers, 2, cfg.n_heads, rows, cfg.head_dim, device=dev)
+
     @torch.inference_mode()
+    def ar_prefill(self, x: torch.Tensor, langs: torch.Tensor, prompt0: torch.Tensor, cache: torch.Tensor
+                   ) -> torch.Tensor:
+        """Run text (S,) + [BOS; prompt0 (P,)] through the AR decoder, filling cache rows 0..S+P.
+
+        Returns the (1, 1025) float32 logits of the first generated frame.
+        """
+        s, dev = x.shape[0], x.device
+        xe = self._text(self.ar_text_embedding, self.ar_language_embedding, self.ar_text_position, x, langs)
+        y0 = torch.cat([torch.full((1,), BOS, dtype=torch.long, device=dev), prompt0])  # (1+P,)
+        ye = self.ar_audio_position(self.ar_audio_embedding(y0).unsqueeze(0))  # (1, 1+P, d)
+        h = self.ar_decoder(torch.cat([xe, ye], dim=1), mask=prefill_mask(s, y0.shape[0], dev), cache=cache)
+        return self.ar_predict_layer(h[:, -1])  # (1, 1025): last row only
+
+    @torch.inference_mode()
+    def ar_step(self, tokens: torch.Tensor, audio_pos: Sequence[int], caches: Sequence[torch.Tensor],
+                filled: Sequence[int]) -> torch.Tensor:
+        """Feed each row's last drawn token (B,) at its audio position; -> (B, 1025) float32 logits.
+
+        Row r's token goes to cache position `filled[r]` (= S + 1 + P + frames so far - 1).
+        """
+        pe = self.ar_audio_position.table(max(audio_pos) + 1)
+        idx = torch.tensor(list(audio_pos), device=pe.device)
+        e = self.ar_audio_embedding(tokens) + self.ar_audio_position.alpha * pe[idx]  # (B, d)
+        h = self.ar_decoder.step(e.unsqueeze(1), caches, filled)  # (B, 1, d)
+        return self.ar_predict_layer(h[:, -1])
+
     def generate_ar(
         self,
         x: torch.Tensor,  # (S,) text ids (enrolled + new)
@@ -311,38 +399,20 @@ class VallEX(nn.Module):
         generator: torch.Generator | None,
         should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """AR stage: codebook-0 frames after the prompt, (T,) int64, with a preallocated k/v cache."""
-        s, p = x.shape[0], prompt0.shape[0]
-        max_frames = MAX_FRAMES_PER_TOKEN * s
-        dev, cfg = x.device, self.cfg
-        dtype = self.ar_predict_layer.weight.dtype
-        xe = self._text(self.ar_text_embedding, self.ar_language_embedding, self.ar_text_position, x, langs)
-        y0 = torch.cat([torch.full((1,), BOS, dtype=torch.long, device=dev), prompt0])  # (1+P,)
-        ye = self.ar_audio_position(self.ar_audio_embedding(y0).unsqueeze(0))  # (1, 1+P, d)
-        # Room for the whole run; the last generated frame is never fed back, so S+1+P+max_frames-1 rows.
-        length = s + 1 + p + max_frames - 1
-        cache = torch.empty(cfg.n_layers, 2, 1, cfg.n_heads, length, cfg.head_dim, dtype=dtype, device=dev)
-        h = self.ar_decoder(torch.cat([xe, ye], dim=1), mask=prefill_mask(s, 1 + p, dev), cache=cache)
-        logits = self.ar_predict_layer(h[:, -1])  # (1, 1025): last row only
-        filled = s + 1 + p
-        out = torch.empty(max_frames, dtype=torch.long, device=dev)
-        alpha = self.ar_audio_position.alpha
-        pe = sinusoid_table(1 + p + max_frames, cfg.d_model, dev, dtype)
-        n = 0
-        while n < max_frames:
-            _poll(should_stop)
-            tok = sample_token(logits, top_k, temperature, generator)  # (1,)
-            if int(tok) == EOS:  # the one host read per step
-                break
-            out[n] = tok[0]
-            n += 1
-            if n == max_frames:
-                break  # the stop rule would discard the next draw anyway
-            e = self.ar_audio_embedding(tok).unsqueeze(0) + alpha * pe[p + n]  # (1, 1, d): audio pos P+n
-            h = self.ar_decoder.step(e, cache, filled)
-            filled += 1
-            logits = self.ar_predict_layer(h[:, -1])
-        return out[:n]
+        """AR stage alone: codebook-0 frames after the prompt, (T,) int64 (a batch of one row).
+
+        Raises Cancelled or NonFiniteLogits.
+        """
+        from vallexd.inference.batch import ArBatch, ArRow  # the batch module builds on this one
+
+        batch = ArBatch(self)
+        row = ArRow(x, langs, prompt0, top_k, temperature, generator, should_stop)
+        batch.add(row)
+        while batch.rows:
+            batch.step()
+        if row.error is not None:
+            raise row.error
+        return torch.tensor(row.frames, dtype=torch.long, device=x.device)
 
     @torch.inference_mode()
     def generate_nar(
@@ -356,6 +426,7 @@ class VallEX(nn.Module):
         """NAR stages 1..7 (prefix mode 1): (T, 8) int64 codes for the generated frames.
 
         `should_stop` is polled before each stage, so a cancel lands within one stage (~1/7 of NAR).
+        Each stage's logits are checked for NaN/inf (one host read per stage): NonFiniteLogits.
         """
         s, p = x.shape[0], prompt.shape[0]
         xt = self._text(
@@ -370,6 +441,8 @@ class VallEX(nn.Module):
             stage_vec = self.nar_stage_embeddings[stage - 1].word_embeddings.weight  # (1, d)
             h = self.nar_decoder(torch.cat([xt, self.nar_audio_position(ye)], dim=1), stage=stage_vec)
             logits = self.nar_predict_layers[stage - 1](h[0, s + p :])  # (T, 1024): generated frames only
+            if not bool(torch.isfinite(logits).all()):
+                raise NonFiniteLogits(f"NAR {stage}")
             c = logits.argmax(dim=-1)
             codes.append(c)
             if stage < NUM_QUANTIZERS - 1:

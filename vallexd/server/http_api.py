@@ -119,6 +119,8 @@ def map_old_request(body: Any) -> dict[str, Any]:
             raise InvalidArgument(f"{field} must be true or false", reason="BAD_TYPE",
                                   details={"field": field})
         params[target] = if_true if value else if_false
+    if body.get("longprompt") is True:
+        params["long_mode"] = "sliding"  # what the reference's longprompt ran (sliding-window)
     return params
 
 

@@ -33,6 +33,10 @@ _NAME_MAX_UTF8 = 240  # name + ".npz" + temp-file decoration must stay under NAM
 _BAD_TEXT_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 LongMode = Literal["auto"] | bool
+#: How the pieces of a long text are prompted (the reference's two modes): "fixed" = every piece by
+#: the voice; "sliding" = after each piece, on a coin, by the piece just made.  Without a voice a
+#: request always slides.  None = the default: fixed with a voice.
+LONG_MODES = ("fixed", "sliding")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class SynthesisRequest:
     language: str = "auto"
     accent: str = "native"
     long: LongMode = "auto"
+    long_mode: str | None = None  # "fixed" | "sliding" | None (see LONG_MODES)
     seed: int | None = None
     top_k: int = 0
     temperature: float = 1.0
@@ -183,8 +188,8 @@ def validate_text(value: Any, max_chars: int) -> str:
     return value
 
 
-SYNTHESIZE_FIELDS = ("text", "voice", "language", "accent", "long", "seed", "top_k", "temperature",
-                     "return", "progress", "fresh", "format", "speed", "stream")
+SYNTHESIZE_FIELDS = ("text", "voice", "language", "accent", "long", "long_mode", "seed", "top_k",
+                     "temperature", "return", "progress", "fresh", "format", "speed", "stream")
 
 
 def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest:
@@ -204,6 +209,10 @@ def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest
     if long != "auto" and not isinstance(long, bool):
         raise InvalidArgument('long must be true, false or "auto"', reason="BAD_TYPE",
                               details={"field": "long"})
+
+    long_mode = p.get("long_mode")
+    if long_mode is not None:
+        long_mode = _choice(p, "long_mode", "fixed", LONG_MODES)
 
     seed = p.get("seed")
     if seed is not None:
@@ -237,6 +246,7 @@ def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest
         language=language,
         accent=accent,
         long=long,
+        long_mode=long_mode,
         seed=seed,
         top_k=top_k,
         temperature=temperature,

@@ -106,6 +106,13 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
+def long_mode(req: SynthesisRequest) -> str:
+    """The effective long-text mode: without a voice always sliding; else as asked, fixed by default."""
+    if req.voice is None:
+        return "sliding"
+    return req.long_mode or "fixed"
+
+
 def _raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
     if cancelled is not None and cancelled.is_set():
         raise Timeout("request cancelled: the client went away", reason="CANCELLED")
@@ -122,8 +129,8 @@ class Service:
             if config.checkpoint is None or config.vocos_dir is None:
                 raise InvalidArgument("no model configured: set checkpoint and vocos", reason="BAD_CONFIG")
             loader = default_loader(config.checkpoint, config.vocos_dir, config.device, config.dtype,
-                                    config.threads)
-            worker = ModelWorker(loader, queue_limit=config.queue_limit)
+                                    config.threads, config.compile)
+            worker = ModelWorker(loader, queue_limit=config.queue_limit, max_batch=config.max_batch)
         self.worker = worker
         #: Set by the lifecycle once the static server child listens, e.g. "http://127.0.0.1:8080".
         self.static_base_url: str | None = None
@@ -328,8 +335,8 @@ class Service:
             engine_identity=self.worker.identity,
             preset_digest=preset.digest if preset is not None else None,
             text=req.text, language=req.language, accent=req.accent,
-            # true and "auto" give the same audio; the split depends on the phoneme budget
-            long="whole" if req.long is False else f"split:{self._split_budget()}",
+            # true and "auto" give the same audio; the split depends on the phoneme budget and mode
+            long="whole" if req.long is False else f"split:{self._split_budget()}:{long_mode(req)}",
             top_k=req.top_k, temperature=req.temperature, seed=req.seed,
         )
 
@@ -339,7 +346,8 @@ class Service:
         # A miss counts against the queue limit from here on, not only once it reaches the
         # worker; otherwise any number of requests could pile up in the text stage.
         queue_limit = self.worker.queue_limit
-        if self._preparing + self.worker.queue_depth + self.worker.in_flight >= queue_limit + 1:
+        capacity = queue_limit + self.worker.max_batch  # waiting + rows of the batch
+        if self._preparing + self.worker.queue_depth + self.worker.in_flight >= capacity:
             raise Busy(f"the queue is full ({queue_limit} waiting); retry later", reason="QUEUE_FULL",
                        details={"queue_limit": queue_limit})
         deadline = started + self.config.request_timeout_s
@@ -362,7 +370,7 @@ class Service:
             pieces, preset.prompt if preset is not None else None,
             Sampling(top_k=req.top_k, temperature=req.temperature, seed=req.seed),
             timeout_s=remaining, progress=run.emit_progress, cancelled=run.cancelled,
-            on_audio=run.emit_audio,
+            on_audio=run.emit_audio, long_mode=long_mode(req),
         )
 
     async def _store(self, key: str, data: bytes) -> tuple[Path | None, VallexError | None]:
@@ -435,7 +443,10 @@ class Service:
         max_chars = self.config.max_text_chars
         # split_text packs sentences greedily up to the budget, so a short text stays one
         # piece: "auto" and true behave the same (true is the old API's `longprompt`).
-        texts = [req.text] if req.long is False else frontend.split_text(req.text, language, budget=budget)
+        # short_first: a text of several pieces starts with its first sentence alone, so its first
+        # audio comes after one sentence's work (costs one more, shorter piece).
+        texts = [req.text] if req.long is False else frontend.split_text(req.text, language, budget=budget,
+                                                                         short_first=True)
         pieces: list[Piece] = []
         empty: VallexError | None = None
         for piece_text in texts:
@@ -502,6 +513,8 @@ class Service:
             "queue_depth": self.worker.queue_depth,
             "queue_limit": self.worker.queue_limit,
             "in_flight": self.worker.in_flight,
+            "max_batch": self.worker.max_batch,
+            "batch_size": self.worker.batch_size,
             "cache": {"files": cache["files"], "bytes": cache["bytes"]},
             "presets": len(self.presets),
             "uptime_s": round(time.monotonic() - self._started_at, 3),

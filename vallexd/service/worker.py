@@ -1,16 +1,18 @@
-"""The one model worker: a dedicated thread that owns the Engine and runs jobs one at a time.
+"""The one model worker: a dedicated thread that owns the Engine and batches concurrent jobs.
 
-Why one thread: the model is big, a second copy would not fit many GPUs, and
-torch already uses every core for one job.  The event loop never runs torch;
-it only keeps a bounded queue of waiting jobs and hands them over one by one.
+Why one thread: the model is big, a second copy would not fit many GPUs, and torch already
+uses every core.  The event loop never runs torch; it keeps a bounded deque of waiting jobs.
+The model thread runs a scheduling loop (vallexd.inference.scheduler): at each AR step boundary
+it takes waiting jobs while the batch has free rows (`max_batch`), turns them into rows, runs
+one batched AR step, and finishes rows that ended (NAR, vocoder).  Each piece's audio goes to
+the job's `on_audio` as soon as it is made; the job's result is their concatenation.
 
-Job life: `run()` appends a Job to the waiting deque (over `queue_limit` waiting
--> Busy/QUEUE_FULL).  The dispatcher task pops it and runs it in the model
-thread.  A job whose client went away (`cancelled` event) or whose deadline
-passed is removed from the deque at once (so it stops counting against the
-limit), or, if already running, stopped through the engine's `should_stop`
-poll.  Progress callbacks from the model thread are marshalled back with
-`loop.call_soon_threadsafe`.
+Job life: `run()` appends a Job to the waiting deque (over `queue_limit` waiting beyond the free
+rows -> Busy/QUEUE_FULL).  A job whose client went away (`cancelled` event) or whose deadline
+passed is removed from the deque at once (so it stops counting against the limit), or, if
+already in the batch, leaves it at the next step through `should_stop` without disturbing the
+other rows.  Results, errors, progress and audio go back to the loop with
+`loop.call_soon_threadsafe`, and are dropped once the job's future is done.
 
 torch is imported lazily inside the model thread (via vallexd.inference.engine).
 """
@@ -24,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ class Job:
     future: asyncio.Future[np.ndarray]
     progress: ProgressFn | None = None
     on_audio: AudioFn | None = None
+    long_mode: str = "fixed"
     abandon: threading.Event = field(default_factory=threading.Event)
 
     def should_stop(self) -> bool:
@@ -60,7 +63,7 @@ class Job:
 
 
 def default_loader(
-    checkpoint: Path, vocos_dir: Path, device: str, dtype: str, threads: int = 0
+    checkpoint: Path, vocos_dir: Path, device: str, dtype: str, threads: int = 0, compile: bool = False
 ) -> Callable[[], Any]:
     def load() -> Any:
         import torch  # only ever imported in the model thread
@@ -69,36 +72,46 @@ def default_loader(
 
         if threads:  # process-wide, but the model thread is the only one running torch
             torch.set_num_threads(threads)
-        return Engine.load(checkpoint, vocos_dir, device=device, dtype=dtype)
+        engine = Engine.load(checkpoint, vocos_dir, device=device, dtype=dtype)
+        if compile:
+            started = time.monotonic()
+            engine.compile()
+            log.info("model compiled in %.1f s (torch.compile)", time.monotonic() - started)
+        return engine
 
     return load
 
 
 class ModelWorker:
-    def __init__(self, loader: Callable[[], Any], *, queue_limit: int) -> None:
+    def __init__(self, loader: Callable[[], Any], *, queue_limit: int, max_batch: int = 1) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._loader = loader
         self.queue_limit = queue_limit
+        self.max_batch = max_batch
         self.engine: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vallexd-model")
+        self._cv = threading.Condition()  # guards _waiting and _running across the two threads
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: set[Job] = set()  # jobs in the batch (admitted by the model thread)
+        self._rows = 0  # AR rows in the batch now (written by the model thread)
         self._accepting = False
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._serving: Future[None] | None = None
         # Counters for status (and for tests that prove a cache hit never reached the model).
         self.jobs_run = 0
         self.jobs_dropped = 0
         self.jobs_failed = 0
+        self.failure_reasons: dict[str, int] = {}  # error reason -> count, for status and tests
         #: Set when the accelerator failed for good; `on_fatal` (set by the lifecycle) is then called.
         self.fatal: VallexError | None = None
         self.on_fatal: Callable[[VallexError], None] | None = None
-        #: Seconds the model load took, and seconds the model thread spent on jobs (for metrics).
+        #: Seconds the model load took, and seconds the model thread spent stepping (for metrics).
         self.load_s: float | None = None
         self.busy_s = 0.0
-        #: Metrics hook, see StepFn. Until the batching worker lands, one call per `should_stop`
-        #: poll with batch size 1: one per AR step plus one per NAR stage (7 per piece).
+        #: Metrics hook (see StepFn), set by the daemon's metrics.
         self.on_step: StepFn | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,13 +131,18 @@ class ModelWorker:
 
     @property
     def in_flight(self) -> int:
-        return 1 if self._running is not None else 0
+        """Jobs in the batch now (each holds one or more AR rows, or is between two pieces)."""
+        return len(self._running)
+
+    @property
+    def batch_size(self) -> int:
+        """AR rows decoding now (<= max_batch)."""
+        return self._rows
 
     async def start(self) -> None:
         """Load the engine in the model thread; a failure is Unavailable(MODEL_LOAD_FAILED)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         started = time.monotonic()
@@ -137,10 +155,10 @@ class ModelWorker:
             detail = exc.message if isinstance(exc, VallexError) else str(exc) or type(exc).__name__
             raise Unavailable(f"cannot load the model: {detail}", reason="MODEL_LOAD_FAILED") from exc
         self.load_s = time.monotonic() - started
-        log.info("model loaded in %.1f s (device %s, dtype %s)", self.load_s,
-                 getattr(self.engine, "device", "?"), getattr(self.engine, "dtype", "?"))
+        log.info("model loaded in %.1f s (device %s, dtype %s, max batch %d)", self.load_s,
+                 getattr(self.engine, "device", "?"), getattr(self.engine, "dtype", "?"), self.max_batch)
         self._accepting = True
-        self._dispatcher = loop.create_task(self._dispatch(), name="vallexd-dispatch")
+        self._serving = self._executor.submit(self._serve)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new jobs, let queued and running ones finish within `grace_s`, cut off the rest."""
@@ -148,21 +166,24 @@ class ModelWorker:
         if self._idle is not None and not self._idle.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=max(grace_s, 0.0))
-        for job in list(self._waiting):
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            running = list(self._running)
+        for job in waiting + running:
             self._fail(job, Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN"))
-        self._waiting.clear()
-        running = self._running
-        if running is not None:
-            self._fail(running, Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN"))
-            # The engine polls should_stop once per AR step: this returns within a step or a decode.
-            if self._idle is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), timeout=10.0)
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-            self._dispatcher = None
+        self._update_idle()
+        if running and self._idle is not None:
+            # Their rows poll should_stop once per AR step: they leave within a step or a NAR stage.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=10.0)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._serving is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.wrap_future(self._serving), timeout=10.0)
+            self._serving = None
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.engine = None
 
@@ -177,24 +198,27 @@ class ModelWorker:
         progress: ProgressFn | None = None,
         cancelled: asyncio.Event | None = None,
         on_audio: AudioFn | None = None,
+        long_mode: str = "fixed",
     ) -> np.ndarray:
-        """Queue one synthesis and wait for its float audio (the concatenation of its pieces).
+        """Queue one synthesis and wait for its float32 audio (24 kHz mono).
 
-        on_audio(samples) is called on the event loop with each piece's float32 24 kHz audio, in
-        order, as soon as that piece is vocoded, and never after this returns or raises.
+        `on_audio(piece)` is called on the event loop with each piece's vocoded float32 audio, in
+        order, as soon as that piece is done; the return value is their concatenation.
+        `long_mode`: "fixed" | "sliding" (see vallexd.inference.scheduler).
         """
-        if not self._accepting or self._loop is None or self._wakeup is None or self._idle is None:
+        if not self._accepting or self._loop is None or self._idle is None:
             raise Unavailable("the daemon is shutting down" if self.engine else "the model is not loaded",
                               reason="SHUTTING_DOWN" if self.engine else "MODEL_NOT_LOADED")
-        busy = self._running is not None or bool(self._waiting)
-        if busy and len(self._waiting) >= self.queue_limit:
+        free_rows = max(self.max_batch - len(self._running), 0)
+        if len(self._waiting) >= self.queue_limit + free_rows and (self._running or self._waiting):
             raise Busy(f"the queue is full ({self.queue_limit} waiting); retry later", reason="QUEUE_FULL",
                        details={"queue_limit": self.queue_limit})
         job = Job(list(pieces), prompt, sampling, time.monotonic() + timeout_s, self._loop.create_future(),
-                  progress, on_audio)
-        self._waiting.append(job)
+                  progress, on_audio, long_mode)
+        with self._cv:
+            self._waiting.append(job)
+            self._cv.notify_all()
         self._idle.clear()
-        self._wakeup.set()
 
         waiter = asyncio.ensure_future(cancelled.wait()) if cancelled is not None else None
         try:
@@ -216,7 +240,7 @@ class ModelWorker:
 
     def _abandon(self, job: Job) -> None:
         job.abandon.set()
-        with contextlib.suppress(ValueError):
+        with self._cv, contextlib.suppress(ValueError):
             self._waiting.remove(job)
             self.jobs_dropped += 1
         if not job.future.done():
@@ -229,115 +253,121 @@ class ModelWorker:
             job.future.set_exception(err)
 
     def _update_idle(self) -> None:
-        if self._idle is not None and self._running is None and not self._waiting:
+        if self._idle is not None and not self._running and not self._waiting:
             self._idle.set()
 
-    # ------------------------------------------------------------------ dispatching
-    async def _dispatch(self) -> None:
-        assert self._loop is not None and self._wakeup is not None
+    # ------------------------------------------------------------------ the model thread
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed under a daemon being killed
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _take(self) -> Any:
+        """Next waiting job as a scheduler Request (None when none waits); runs in the model thread."""
         while True:
-            while not self._waiting:
-                self._update_idle()
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            job = self._waiting.popleft()
-            if job.future.done() or job.should_stop():
-                self.jobs_dropped += 1
-                if not job.future.done():
-                    job.future.set_exception(
-                        Timeout("request ran past its deadline while queued", reason="DEADLINE"))
-                continue
-            self._running = job
+            with self._cv:
+                if not self._waiting:
+                    return None
+                job = self._waiting.popleft()
+                if job.future.done() or job.should_stop():
+                    self.jobs_dropped += 1
+                    self._post(self._end, job, Timeout("request ran past its deadline while queued",
+                                                       reason="DEADLINE"), None)
+                    continue
+                self._running.add(job)
+            self.jobs_run += 1
+            try:
+                return self._request(job)
+            except Exception as exc:  # invalid input: the job fails, the batch goes on
+                self._finish(job, exc, None)
+
+    def _request(self, job: Job) -> Any:
+        loop_progress, loop_audio = job.progress, job.on_audio
+
+        def piece_done(i: int, total: int, audio: np.ndarray) -> None:
+            if loop_audio is not None:
+                self._post(self._deliver, job, loop_audio, audio)
+            if loop_progress is not None:
+                self._post(self._deliver, job, loop_progress, i + 1, total)
+
+        return self.engine.new_request(job.pieces, job.prompt, job.sampling, long_mode=job.long_mode,
+                                       should_stop=job.should_stop, on_piece=piece_done, tag=job)
+
+    def _finish(self, job: Job, error: Exception | None, audio: np.ndarray | None) -> None:
+        """A job left the batch: hand its outcome to the loop (model thread)."""
+        if error is not None:
+            from vallexd.inference.engine import model_error  # the model thread has torch loaded
+
+            err = model_error(error)
+            if not isinstance(err, VallexError):
+                err = self._classify(err) or err
+            self.jobs_failed += 1
+            if not isinstance(err, VallexError):
+                log.error("synthesis failed", exc_info=err)
+                err = Internal("synthesis failed; see the daemon log", reason="ENGINE_ERROR")
+            reason = err.reason or err.code.value
+            self.failure_reasons[reason] = self.failure_reasons.get(reason, 0) + 1
+            self._post(self._end, job, err, None)
+        else:
+            self._post(self._end, job, None, np.asarray(audio, dtype=np.float32))
+
+    def _serve(self) -> None:
+        """The scheduling loop: admit at step boundaries, one batched step, finish what ended."""
+        from vallexd.inference.scheduler import Scheduler
+
+        sched = Scheduler(self.engine, self.max_batch)
+        while True:
+            with self._cv:
+                while sched.idle and not self._waiting and not self._stopping:
+                    self._rows = 0
+                    self._cv.wait()
+                if self._stopping and sched.idle:
+                    return
             started = time.monotonic()
             try:
-                audio = await self._loop.run_in_executor(self._executor, self._execute, job)
-            except VallexError as err:
-                self.jobs_failed += 1
-                if not job.future.done():
-                    job.future.set_exception(err)
-            except Exception as exc:
-                self.jobs_failed += 1
-                log.exception("synthesis failed")
-                if not job.future.done():
-                    job.future.set_exception(
-                        Internal("synthesis failed; see the daemon log", reason="ENGINE_ERROR"))
-                del exc
+                ended = sched.schedule(self._take)
+                self._rows = sched.batch_size
+                if not sched.idle:
+                    if self.on_step is not None:
+                        self.on_step(sched.batch_size)
+                    ended += sched.step()
+            except Exception as exc:  # a bug outside any one row: fail the batch, start afresh
+                err = self._classify(exc) if not isinstance(exc, VallexError) else None
+                if err is None:
+                    log.exception("batch step failed")
+                ended = sched.fail_all(err or exc)
+                sched = Scheduler(self.engine, self.max_batch)
+            self.busy_s += time.monotonic() - started
+            self._rows = sched.batch_size
+            for req in ended:
+                self._finish(req.tag, req.error, None if req.error is not None else req.result())
+
+    # ------------------------------------------------------------------ on the loop
+    def _deliver(self, job: Job, fn: Callable[..., None], *args: Any) -> None:
+        # Once the job's future is done (result sent, cancelled, timed out) a late piece or
+        # progress frame would arrive after the response; drop it.
+        if not job.future.done():
+            fn(*args)
+
+    def _end(self, job: Job, err: VallexError | None, audio: np.ndarray | None) -> None:
+        with self._cv:
+            self._running.discard(job)
+        if not job.future.done():
+            if err is not None:
+                job.future.set_exception(err)
             else:
-                if not job.future.done():
-                    job.future.set_result(audio)
-            finally:
-                self.busy_s += time.monotonic() - started
-                self._running = None
-                self._update_idle()
+                job.future.set_result(audio)
+        self._update_idle()
 
-    def _execute(self, job: Job) -> np.ndarray:
-        """Runs in the model thread."""
-        if job.should_stop():
-            raise Timeout("request abandoned before it started", reason="CANCELLED")
-        loop = self._loop
-        assert loop is not None
-        report = job.progress
-        progress = None
-        if report is not None:
-            future = job.future
-
-            def deliver(done: int, total: int) -> None:
-                # On the loop: once the job's future is done (result sent, cancelled, timed out)
-                # a late progress frame would arrive after the response; drop it.
-                if not future.done():
-                    report(done, total)
-
-            def progress(done: int, total: int) -> None:
-                loop.call_soon_threadsafe(deliver, done, total)
-
-        should_stop = job.should_stop
-        on_step = self.on_step
-        if on_step is not None:
-            def should_stop() -> bool:
-                on_step(1)
-                return job.should_stop()
-
-        self.jobs_run += 1
-        extra: dict[str, Any] = {}
-        if job.on_audio is not None:
-            extra["on_audio"] = self._audio_relay(job, loop)
-        try:
-            audio = self.engine.synthesize(job.pieces, job.prompt, job.sampling, progress=progress,
-                                           should_stop=should_stop, **extra)
-        except VallexError:
-            raise
-        except Exception as exc:
-            err = self._classify(exc)
-            if err is None:
-                raise  # a bug: _dispatch logs the traceback and answers INTERNAL
-            raise err from None
-        return np.asarray(audio, dtype=np.float32)
-
-    @staticmethod
-    def _audio_relay(job: Job, loop: asyncio.AbstractEventLoop) -> AudioFn:
-        """The model-thread callback that hands each piece's audio to job.on_audio on the loop."""
-        sink, future = job.on_audio, job.future
-        assert sink is not None
-
-        def deliver(samples: np.ndarray) -> None:
-            # Like progress: nothing goes out once the job is over (cancelled, timed out).
-            if not future.done():
-                sink(samples)
-
-        def relay(samples: np.ndarray) -> None:
-            loop.call_soon_threadsafe(deliver, np.asarray(samples, dtype=np.float32))
-
-        return relay
-
-    def _classify(self, exc: Exception) -> VallexError | None:
+    # ------------------------------------------------------------------ accelerator failures
+    def _classify(self, exc: BaseException) -> VallexError | None:
         """Model thread: OOM -> ResourceExhausted (memory released); a poisoned accelerator -> fatal."""
         from vallexd.inference.failures import classify, is_fatal  # torch is loaded by now
 
         err = classify(exc, str(getattr(self.engine, "device", "")))
         if err is not None and is_fatal(exc) and self.fatal is None:
             log.critical("fatal accelerator error: the daemon stops and must be restarted", exc_info=exc)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._on_fatal_error, err)
+            self._post(self._on_fatal_error, err)
         return err
 
     def _on_fatal_error(self, err: VallexError) -> None:
@@ -347,9 +377,11 @@ class ModelWorker:
         self.fatal = err
         self._accepting = False
         self.engine = None  # model_loaded is False: /health answers 503, status says not loaded
-        for job in list(self._waiting):
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting:
             self._fail(job, err)
-        self._waiting.clear()
         self._update_idle()
         if self.on_fatal is not None:
             self.on_fatal(err)

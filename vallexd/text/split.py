@@ -245,17 +245,32 @@ class _Splitter:
             i = j
         return "".join(out)
 
-    def pack(self, atoms: list[_Atom]) -> list[str]:
+    def pack(self, atoms: list[_Atom], short_first: bool = False) -> list[str]:
         """Greedy packing on the sum of atom costs (+1 per join for the word gap), then a real
         measurement of each piece; a piece that measures over budget is cut in two again.
 
         An atom with nothing to speak never starts a piece, so every piece has something to say.
+        `short_first`: when the text needs more than one piece anyway, the first piece is packed to
+        a third of the budget only (~40 tokens, ~3 s of speech): its first sentence alone, or its
+        first clauses or words when that sentence is long, so its audio comes quickly.
         """
+        if short_first and len(self._groups(atoms)) > 1:
+            first = self._groups(atoms, max(self.budget // 3, 1))[0]
+            rest = atoms[len(first):]
+            if any(a.cost for a in rest):
+                return self._verified(first) + self.pack(rest)
+        pieces: list[str] = []
+        for group in self._groups(atoms):
+            pieces.extend(self._verified(group))
+        return pieces
+
+    def _groups(self, atoms: list[_Atom], budget: int | None = None) -> list[list[_Atom]]:
+        budget = budget or self.budget
         groups: list[list[_Atom]] = []
         current: list[_Atom] = []
         estimate = 0
         for atom in atoms:
-            if estimate and atom.cost and estimate + atom.cost + 1 > self.budget:
+            if estimate and atom.cost and estimate + atom.cost + 1 > budget:
                 groups.append(current)
                 current, estimate = [], 0
             current.append(atom)
@@ -263,10 +278,7 @@ class _Splitter:
                 estimate += atom.cost + (1 if estimate else 0)
         if current:
             groups.append(current)
-        pieces: list[str] = []
-        for group in groups:
-            pieces.extend(self._verified(group))
-        return pieces
+        return groups
 
     def _verified(self, group: list[_Atom]) -> list[str]:
         piece = self.render(group)
@@ -290,14 +302,16 @@ def _merge_silent(atoms: list[_Atom]) -> list[_Atom]:
     return out
 
 
-def split_text(text: str, language: str, *, budget: int = DEFAULT_PHONEME_BUDGET) -> list[str]:
+def split_text(text: str, language: str, *, budget: int = DEFAULT_PHONEME_BUDGET,
+               short_first: bool = False) -> list[str]:
     """Pieces of `text`, each within `budget` tokens when phonemized (see the module docstring).
 
     Raises the same errors as `phonemize` (UNKNOWN_LANGUAGE, BAD_MIX_TAGS, EMPTY_TEXT) and
     InvalidArgument(reason="BAD_BUDGET"). Every piece has something to say (no piece is only
     punctuation). A piece may exceed the budget only when it cannot be cut: a single character
     whose phonemes alone do, or a unit whose punctuation marks (which cannot stand alone as a
-    piece) push it over; without those marks it fits.
+    piece) push it over; without those marks it fits.  `short_first`: see `_Splitter.pack` (the
+    daemon uses it so the first audio of a long text comes after one sentence).
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < MIN_PHONEME_BUDGET:
         raise InvalidArgument(
@@ -320,4 +334,4 @@ def split_text(text: str, language: str, *, budget: int = DEFAULT_PHONEME_BUDGET
         atoms = splitter.atomize(0, resolved, text)
     if not any(a.cost for a in atoms):
         raise InvalidArgument("text has nothing to speak (no letters or words)", reason="EMPTY_TEXT")
-    return splitter.pack(_merge_silent(atoms))
+    return splitter.pack(_merge_silent(atoms), short_first)
