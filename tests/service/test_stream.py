@@ -36,24 +36,24 @@ def engine(tiny_models: Any) -> Any:
 
 
 class PieceGate:
-    """Wraps the real Engine.synthesize: after piece `hold_after`'s audio is handed over, the model
+    """Wraps the real Engine.new_request: after piece `hold_after`'s audio is handed over, the model
     thread waits until `release` is set. Counts the pieces the engine vocoded."""
 
     def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch, hold_after: int = 0) -> None:
-        self.real = engine.synthesize
+        self.real = engine.new_request
         self.release = threading.Event()
         self.pieces_done = 0
         self.hold_after = hold_after
-        monkeypatch.setattr(engine, "synthesize", self)
+        monkeypatch.setattr(engine, "new_request", self)
 
-    def __call__(self, *args: Any, on_audio: Any = None, **kwargs: Any) -> Any:
-        def relay(samples: np.ndarray) -> None:
+    def __call__(self, *args: Any, on_piece: Any = None, **kwargs: Any) -> Any:
+        def relay(index: int, total: int, samples: np.ndarray) -> None:
             self.pieces_done += 1
-            on_audio(samples)
+            on_piece(index, total, samples)
             if self.pieces_done == self.hold_after + 1:
                 assert self.release.wait(30), "the stream never delivered the held piece"
 
-        return self.real(*args, on_audio=relay if on_audio is not None else None, **kwargs)
+        return self.real(*args, on_piece=relay if on_piece is not None else None, **kwargs)
 
 
 async def test_first_piece_arrives_before_the_rest_is_made(tmp_path: Path, engine: Any,

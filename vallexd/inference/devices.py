@@ -56,22 +56,23 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the host
-def _cpuinfo_field(name: str) -> str:
+def _cpuinfo_field(name: str, cpuinfo: str | Path | None = None) -> str:
     try:
-        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+        text = Path(cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
     m = re.search(rf"^{name}\s*:\s*(.*)$", text, flags=re.M)
     return m.group(1).strip() if m else ""
 
 
-def cpu_flags() -> frozenset[str]:
+def cpu_flags(cpuinfo: str | Path | None = None) -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    return frozenset(_cpuinfo_field("flags").split())
+    return frozenset(_cpuinfo_field("flags", cpuinfo).split())
 
 
-def cpu_has_native_bf16() -> bool:
-    return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)
+def cpu_has_native_bf16(cpuinfo: str | Path | None = None) -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX), not by emulation."""
+    return any(flag in cpu_flags(cpuinfo) for flag in CPU_BF16_FLAGS)
 
 
 def _mps_available() -> bool:
