@@ -284,7 +284,7 @@ class HttpApi:
                         status: int | None = None) -> web.Response:
         status = status or err.http_status
         headers = {"WWW-Authenticate": "Bearer"} if err.code is ErrorCode.UNAUTHENTICATED else None
-        if is_openai_path(request.path):
+        if is_openai_path(request.path) and not voices_api.owns(request):
             return openai_error_response(err, status, headers)
         if request.path == "/generate":
             message = "Character not found" if err.code is ErrorCode.NOT_FOUND else err.message

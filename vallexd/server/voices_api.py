@@ -51,6 +51,12 @@ def voice_entry(described: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def owns(request: web.Request) -> bool:
+    """True for this module's own request (POST beside OpenAI's GET /v1/audio/voices): its errors
+    keep vallexd's wire shape, since OpenAI defines no such route."""
+    return request.method == "POST" and request.path == ROUTE
+
+
 def add_routes(app: web.Application, service: ServiceLike, *, max_audio_bytes: int) -> None:
     """Register POST /v1/audio/voices on `app` (HttpApi's application)."""
 
