@@ -44,8 +44,9 @@ def test_readme_code_and_help_agree() -> None:
 
 @pytest.fixture(scope="module")
 def daemon(daemon_factory: Callable[..., DaemonProcess]) -> DaemonProcess:
-    # No waiting room: a second synthesis while one runs is BUSY.
-    return daemon_factory("exits", ["--queue-limit", "0", "--threads", "1", "--no-static"])
+    # One batch row and no waiting room: a second synthesis while one runs is BUSY.
+    return daemon_factory("exits", ["--queue-limit", "0", "--max-batch", "1", "--threads", "1",
+                                    "--no-static"])
 
 
 def ctl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
