@@ -97,7 +97,7 @@ def presets_install(source: str | None, name: str | None, overwrite: bool, expec
             raise click.UsageError("give either SOURCE or --from-audio, not both")
         if not transcript or not name:
             raise click.UsageError("--from-audio needs --transcript TEXT and --name NAME")
-        validate_name(name)
+        name = validate_name(name)
         from vallexctl.from_audio import prompt_bytes_from_audio
 
         data = prompt_bytes_from_audio(from_audio, transcript, language, encodec_path=encodec_path,
@@ -113,8 +113,7 @@ def presets_install(source: str | None, name: str | None, overwrite: bool, expec
     else:
         show = stderr_is_tty() if progress is None else progress
         data, default_name, origin = _fetch_source(source, expected_sha256, catalogue_path, show)
-        name = name or default_name
-        validate_name(name)
+        name = validate_name(name or default_name)
 
 
     with state().client() as c:
@@ -133,7 +132,7 @@ def presets_remove(name: str) -> None:
     """Remove an installed preset."""
     from vallexd.service.requests import validate_name
 
-    validate_name(name)
+    name = validate_name(name)
     with state().client() as c:
         result = c.call("presets.remove", {"name": name})
     emit(result, f"removed {result.get('name', name)}")

@@ -111,7 +111,7 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
     if voice is not None:
         from vallexd.service.requests import validate_name
 
-        validate_name(voice, "voice")
+        voice = validate_name(voice, "voice")
 
     want_audio = bool(output or to_stdout or play)
     params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
