@@ -249,9 +249,12 @@ class Service:
             log.warning("cache: cannot store %s: %s", key[:12], exc)
             if want_audio:
                 return None
-            if isinstance(exc, VallexError):
+            # Whatever the cause (full, read-only, no permission), it is the server's storage:
+            # 503 UNAVAILABLE, never a 403 the client could do nothing about.
+            if isinstance(exc, Unavailable):
                 raise
-            raise Unavailable(f"cannot write the result to the cache: {exc.strerror or exc}",
+            detail = exc.message if isinstance(exc, VallexError) else (exc.strerror or str(exc))
+            raise Unavailable(f"cannot write the result to the cache: {detail}",
                               reason="CACHE_WRITE_FAILED") from None
 
     def _deadline_error(self) -> Timeout:

@@ -183,13 +183,25 @@ class ResultCache:
         return data
 
     def put(self, key: str, data: bytes) -> Path:
-        """Store `data` under `key`, atomically replacing any previous entry."""
+        """Store `data` under `key`, atomically replacing any previous entry.
+
+        Raises Unavailable(CACHE_WRITE_FAILED) whatever the cause (disk full, read-only, no
+        permission): the cache is the daemon's own storage, so this is the server's problem
+        (503), never the client's (403). A failed write leaves no temp file and no shard
+        folder it created.
+        """
         path = self.path(key)
+        shard = path.parent
+        created = not shard.is_dir()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)  # the root may have been removed meanwhile
+            shard.mkdir(parents=True, exist_ok=True)  # the root may have been removed meanwhile
             atomic_write(path, data)
         except OSError as exc:
-            raise os_error(exc, "write the result to the cache", "CACHE_WRITE_FAILED") from None
+            if created:
+                with contextlib.suppress(OSError):
+                    shard.rmdir()  # only if still empty: another writer may have used it meanwhile
+            raise Unavailable(f"cannot write the result to the cache: {exc.strerror or exc}",
+                              reason="CACHE_WRITE_FAILED") from None
         return path
 
     def entries(self) -> list[Entry]:
@@ -250,7 +262,9 @@ class ResultCache:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise os_error(exc, f"remove {e.path.name} from the cache", "CACHE_WRITE_FAILED") from None
+                # The cache is the daemon's own storage: its failures are the server's (503).
+                raise Unavailable(f"cannot remove {e.path.name} from the cache: {exc.strerror or exc}",
+                                  reason="CACHE_WRITE_FAILED") from None
             removed.append(e)
         return {
             "removed": len(removed),
