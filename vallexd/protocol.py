@@ -22,12 +22,15 @@ from typing import Any
 
 import msgpack
 
-from vallexd.errors import ProtocolError, TooLarge, VallexError
+from vallexd.errors import ProtocolError, TooLarge, VallexError, short_repr
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 #: Default cap on a request frame read by the daemon (preset .npz uploads fit easily).
 DEFAULT_MAX_REQUEST_FRAME = 16 * 1024 * 1024
+#: Deepest nesting of maps/arrays a request may have (requests need 2-3; the cap keeps every
+#: later walk over untrusted values, e.g. building an error message, far from recursion limits).
+MAX_NESTING = 32
 #: Default cap on a response frame read by the client (long WAV results).
 DEFAULT_MAX_RESPONSE_FRAME = 512 * 1024 * 1024
 
@@ -46,7 +49,31 @@ def unpack_body(body: bytes) -> dict[str, Any]:
         raise ProtocolError("malformed msgpack frame", reason="MALFORMED_FRAME") from None
     if not isinstance(message, dict):
         raise ProtocolError("a frame must hold a msgpack map", reason="MALFORMED_FRAME")
+    if nesting_depth(message, MAX_NESTING) > MAX_NESTING:
+        raise ProtocolError(f"a frame may nest maps and arrays at most {MAX_NESTING} deep",
+                            reason="TOO_DEEP", details={"limit": MAX_NESTING})
     return message
+
+
+def nesting_depth(value: Any, stop_after: int) -> int:
+    """How deep maps/arrays nest in `value` (a scalar is 0), counted without recursion and
+    giving up once past `stop_after` (the answer is then stop_after + 1)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        depth += 1
+        if depth > stop_after:
+            return depth
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list, tuple)))
+    return deepest
 
 
 def check_length(length: int, max_frame: int) -> None:
@@ -123,7 +150,7 @@ def parse_request(message: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
     version = message.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"unsupported protocol version {version!r}; this daemon speaks {PROTOCOL_VERSION}",
+            f"unsupported protocol version {short_repr(version)}; this daemon speaks {PROTOCOL_VERSION}",
             reason="UNSUPPORTED_VERSION",
         )
     method = message.get("method")

@@ -42,6 +42,7 @@ from vallexd.errors import (
     Unavailable,
     VallexError,
 )
+from vallexd.protocol import MAX_NESTING, nesting_depth
 from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
 from vallexd.service.result import SynthesisResult
 
@@ -81,13 +82,16 @@ def check_http_config(host: str, token: str | None) -> None:
 
 
 def map_old_request(body: Any) -> dict[str, Any]:
-    """Translate an old /generate body into synthesize params (validation of values is the service's)."""
+    """Translate an old /generate body into synthesize params (validation of values is the service's).
+
+    Fields it does not know are ignored (logged at debug), as the old server (pydantic's
+    defaults) did: its later clients send more, e.g. a request time. /v1/* stays strict.
+    """
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object", reason="BAD_TYPE")
-    for key in body:
-        if key not in OLD_API_FIELDS:
-            raise InvalidArgument(f"unknown field {key!r}; accepted: {', '.join(OLD_API_FIELDS)}",
-                                  reason="UNKNOWN_FIELD", details={"field": str(key)})
+    unknown = [key for key in body if key not in OLD_API_FIELDS]
+    if unknown:
+        log.debug("/generate: ignoring unknown field(s) %s", ", ".join(log_safe(k, 40) for k in unknown[:8]))
     if "textPrompt" not in body:
         raise InvalidArgument("textPrompt is required", reason="MISSING_FIELD",
                               details={"field": "textPrompt"})
@@ -112,6 +116,12 @@ def map_old_request(body: Any) -> dict[str, Any]:
                                   details={"field": field})
         params[target] = if_true if value else if_false
     return params
+
+
+def old_api_body(status: int, *, url: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """A /generate answer in the old server's types: `code` the HTTP status as a string, and
+    `null` for whichever of audioURL / error does not apply. The HTTP status is the real one."""
+    return {"audioURL": url, "code": str(status), "error": error}
 
 
 class HttpApi:
@@ -260,8 +270,7 @@ class HttpApi:
         headers = {"WWW-Authenticate": "Bearer"} if err.code is ErrorCode.UNAUTHENTICATED else None
         if request.path == "/generate":
             message = "Character not found" if err.code is ErrorCode.NOT_FOUND else err.message
-            return web.json_response({"audioURL": "", "code": status, "error": message},
-                                     status=status, headers=headers)
+            return web.json_response(old_api_body(status, error=message), status=status, headers=headers)
         return web.json_response({"error": err.to_wire()}, status=status, headers=headers)
 
     # ------------------------------------------------------------------ handlers
@@ -276,9 +285,16 @@ class HttpApi:
             raise TooLarge(f"request body over the limit of {self.max_body} bytes",
                            reason="BODY_TOO_LARGE") from None
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise InvalidArgument("the request body is not valid JSON", reason="BAD_JSON") from None
+        except RecursionError:  # "[" * 100000: the parser recursed past Python's limit
+            raise InvalidArgument(f"the request body nests deeper than {MAX_NESTING} levels",
+                                  reason="BAD_JSON", details={"limit": MAX_NESTING}) from None
+        if nesting_depth(body, MAX_NESTING) > MAX_NESTING:
+            raise InvalidArgument(f"the request body nests deeper than {MAX_NESTING} levels",
+                                  reason="BAD_JSON", details={"limit": MAX_NESTING})
+        return body
 
     async def _synthesize(self, request: web.Request, params: dict[str, Any]) -> SynthesisResult:
         """Run a synthesis; if the client disconnects, tell the service so it drops the job."""
@@ -295,8 +311,7 @@ class HttpApi:
     async def generate(self, request: web.Request) -> web.Response:
         params = map_old_request(await self._json_body(request))
         result = await self._synthesize(request, params)
-        return web.json_response({"audioURL": result.url or "", "code": 200, "error": ""},
-                                 headers=_result_headers(result))
+        return web.json_response(old_api_body(200, url=result.url), headers=_result_headers(result))
 
     async def synthesize(self, request: web.Request) -> web.Response:
         params = await self._json_body(request)

@@ -284,7 +284,7 @@ class RpcServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = to_wire_error(exc, f"method {method!r}")
+            error = to_wire_error(exc, f"method {log_safe(method, 64)}")
         reply = proto.ok(request_id, result or {}) if error is None else proto.error(request_id, error)
         self._write(writer, reply)
         try:

@@ -190,7 +190,7 @@ def prompt_from_bytes(data: bytes, name: str) -> Prompt:
             infos = {key: _member(zf, key) for key in REQUIRED_KEYS}
             missing = [k for k, info in infos.items() if info is None]
             if missing:
-                names = sorted(n.removesuffix(".npy") for n in zf.namelist())[:10]
+                names = [n[:40] for n in sorted(n.removesuffix(".npy") for n in zf.namelist())[:10]]
                 raise _bad(name, f"missing array {missing[0]!r} (has {names})")
             arrays = {k: _read_member(zf, info, k, name) for k, info in infos.items() if info is not None}
     except InvalidArgument:

@@ -44,7 +44,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vallexd.errors import InvalidArgument, VallexError
+from vallexd.errors import InvalidArgument, VallexError, short_repr
 from vallexd.text import segments
 from vallexd.text.frontend import check_request, phonemize
 
@@ -329,7 +329,8 @@ def split_text(text: str, language: str, *, budget: int = DEFAULT_PHONEME_BUDGET
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < MIN_PHONEME_BUDGET:
         raise InvalidArgument(
-            f"phoneme budget must be an integer >= {MIN_PHONEME_BUDGET}, got {budget!r}", reason="BAD_BUDGET"
+            f"phoneme budget must be an integer >= {MIN_PHONEME_BUDGET}, got {short_repr(budget)}",
+            reason="BAD_BUDGET",
         )
     cleaned = check_request(text, language)
     if language == "mix":
