@@ -195,6 +195,9 @@ class Engine:
         all_codes = []
         for i, (ids, langs) in enumerate(pieces):
             all_codes.append(self.generate_codes(ids, langs, prompt, sampling, gen, should_stop))
+            if not len(all_codes[-1]):  # EOS at once: a piece that says nothing is a failure, not silence
+                raise Internal(f"the model produced no audio for piece {i + 1} of {len(pieces)}",
+                               reason="NO_AUDIO", details={"piece": i})
             if progress is not None:
                 progress(i + 1, len(pieces))
         return self.decode(np.concatenate(all_codes, axis=0))
