@@ -87,6 +87,15 @@ def check_length(length: int, max_frame: int) -> None:
 
 async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> dict[str, Any] | None:
     """Read one message; None on a clean end of stream between frames."""
+    length = await read_frame_header(reader, max_frame)
+    if length is None:
+        return None
+    return await read_frame_body(reader, length)
+
+
+async def read_frame_header(reader: asyncio.StreamReader, max_frame: int) -> int | None:
+    """The declared body length of the next frame (checked against `max_frame`); None on a
+    clean end of stream. The body is not read: a server may refuse it first (e.g. BUSY)."""
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -95,6 +104,11 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> dict[str, 
         raise ProtocolError("connection closed inside a frame header", reason="TRUNCATED") from None
     (length,) = HEADER.unpack(header)
     check_length(length, max_frame)
+    return int(length)
+
+
+async def read_frame_body(reader: asyncio.StreamReader, length: int) -> dict[str, Any]:
+    """Read and decode a frame body of `length` bytes (after `read_frame_header`)."""
     try:
         body = await reader.readexactly(length)
     except asyncio.IncompleteReadError:

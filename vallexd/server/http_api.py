@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vallexd.errors import (
     ErrorCode,
@@ -124,6 +125,26 @@ def old_api_body(status: int, *, url: str | None = None, error: str | None = Non
     return {"audioURL": url, "code": str(status), "error": error}
 
 
+class OneLineParserErrors(logging.Filter):
+    """aiohttp logs a request its parser rejects (bad method, bad header, line too long) with a
+    full traceback, at ERROR: a client's junk, not our bug. Keep one INFO line per request,
+    without the traceback; everything else passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = str(getattr(exc, "message", "") or exc).strip().splitlines()
+            args = (record.getMessage(), type(exc).__name__, log_safe(first[0] if first else "", 100))
+            record.msg, record.args = "%s: rejected malformed request: %s %s", args
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_PARSER_FILTER = OneLineParserErrors()
+
+
 class HttpApi:
     """Build, start and stop the aiohttp application on config.http_host/http_port."""
 
@@ -160,6 +181,9 @@ class HttpApi:
             # job's `cancelled` event (see _synthesize) so the model does not work for nobody.
             self.app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=2.0,
         )
+        server_log = logging.getLogger("aiohttp.server")
+        if _PARSER_FILTER not in server_log.filters:
+            server_log.addFilter(_PARSER_FILTER)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.requested_port)
         await site.start()
