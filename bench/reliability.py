@@ -421,7 +421,7 @@ def kill_section(workdir: Path, models: Any, rounds: int, report: Report) -> dic
                 if d.call("status", timeout=5)["in_flight"] >= 1:
                     mid += 1
                     break
-            time.sleep(0.01)
+            time.sleep(0.05)
         time.sleep(random.Random(n).uniform(0.0, 0.3))  # somewhere inside the synthesis
         os.kill(d.pid, signal.SIGKILL)
         d.proc.wait(10)
