@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-import reliability as suite  # noqa: E402
+import reliability as suite
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,7 @@ class Config:
     # Extras beyond the architecture contract:
     max_upload_bytes: int = 4 * 1024 * 1024  # a 15 s prompt is ~75 KB; this leaves ample room
     long_budget: int | None = None  # phoneme budget per piece for long text; None = front-end default
+    max_connections_per_uid: int = 0  # socket connections one peer uid may hold; 0 = half of max_connections
 
     @property
     def presets_install_dir(self) -> Path:

@@ -128,7 +128,8 @@ class Daemon:
             self.service.static_base_url = self.child.base_url
 
         self.rpc = RpcServer(self.service, max_frame=cfg.max_frame_bytes, max_connections=cfg.max_connections,
-                             idle_timeout_s=cfg.idle_timeout_s)
+                             idle_timeout_s=cfg.idle_timeout_s,
+                             max_connections_per_uid=cfg.max_connections_per_uid or None)
         if inherited:
             fd, name = inherited[0]
             if len(inherited) > 1:
