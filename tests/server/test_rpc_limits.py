@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +187,29 @@ def test_peer_header_helpers_roundtrip() -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_vallexctl_client_reports_busy_not_unreachable(server: Any) -> None:
+    """Over its share the daemon answers BUSY at connect and hangs up; the client's request then
+    meets a broken pipe: it must report the daemon's BUSY, not "daemon unreachable"."""
+    from vallexctl.client import Client
+    from vallexd.errors import VallexError
+
+    _srv, path = server
+    held = [await connect(path) for _ in range(3)]
+    await asyncio.sleep(0.05)
+
+    def call() -> VallexError:
+        with Client(path, connect_timeout=5, timeout=5) as client:
+            client.connect()
+            time.sleep(0.2)  # the BUSY frame and the hang-up arrive before we send
+            try:
+                client.call("ping")
+            except VallexError as exc:
+                return exc
+        raise AssertionError("ping over the share succeeded")
+
+    err = await asyncio.to_thread(call)
+    assert err.code.value == "BUSY" and err.reason == "TOO_MANY_CONNECTIONS_FOR_USER", err
+    for _, writer in held:
+        writer.close()

@@ -164,7 +164,10 @@ class RpcServer:
         if sock is not None:
             self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=1 << 16)
         else:
-            self._server = await asyncio.start_unix_server(self._on_connect, path=path, limit=1 << 16)
+            # The backlog covers a burst of connects well past max_connections: the extra ones
+            # must be accepted and told BUSY, not refused by the kernel (EAGAIN) unanswered.
+            self._server = await asyncio.start_unix_server(self._on_connect, path=path, limit=1 << 16,
+                                                           backlog=max(256, 4 * self.max_connections))
 
     def stop_accepting(self) -> None:
         """Close the listener and refuse further requests on open connections."""
