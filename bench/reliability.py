@@ -5,10 +5,11 @@
 
 Sections (each starts its own `python -m vallexd --threads 1` on tiny random weights):
 
-- fuzz: seeded-random socket frames (valid and broken envelopes, wrong types, deep nesting,
-  huge strings, garbage msgpack, truncated and oversize frames, hostile .npz uploads with huge
-  declared shapes, every method); counts replies by code, INTERNAL replies, daemon crashes, the
-  worst `ping` latency on a second connection while fuzzing, and log lines per frame;
+- fuzz: seeded-random socket frames, made by bench/reliability_inputs.py (valid and broken
+  envelopes, wrong types, deep nesting, huge strings, garbage msgpack, truncated and oversize
+  frames, hostile .npz uploads with huge declared shapes, every method); counts replies by code,
+  INTERNAL replies, daemon crashes, the worst `ping` latency on a second connection while
+  fuzzing, log lines per frame and tracebacks logged while fuzzing;
 - http: bad-input cases on /generate and /v1/synthesize (deep JSON, bad JSON, wrong content
   type, wrong types, unknown fields, junk request lines); status counts, no 500 allowed;
 - kill: `kill -9` mid-synthesis, then restart on the same folders: orphaned children, leftover
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import random
@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import msgpack  # noqa: E402
-import numpy as np  # noqa: E402
 from daemon_harness import DaemonProcess, RpcClient, child_pids, pid_alive, start_daemon  # noqa: E402
+from reliability_inputs import RAW_HTTP, fuzz_frame, http_cases  # noqa: E402
 
 from vallexd import protocol  # noqa: E402
 
@@ -94,116 +92,6 @@ def daemon(workdir: Path, models: Any, *extra: str) -> DaemonProcess:
 
 # ------------------------------------------------------------------ fuzzed frames
 
-_JUNK_VALUES: list[Any] = [
-    None, True, False, 0, -1, 2**63, -(2**63), 2**64 - 1, 1.5, float("nan"), float("inf"), "", "x",
-    "\x00", "\ud800".encode("utf-8", "surrogatepass"), b"", b"\xff" * 7, [], {}, [1, [2, [3]]],
-    {"a": {"b": {"c": 1}}}, "ä" * 300, "../../etc/passwd", "[EN]", "😀" * 10, "\u0303",
-]
-
-
-def _nested(depth: int, leaf: Any = 1) -> Any:
-    value = leaf
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-def _npz(arrays: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in arrays.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
-def _npy_header(shape: tuple[int, ...], descr: str = "<i8") -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
-    return buf.getvalue()
-
-
-def hostile_npz(rng: random.Random) -> bytes:
-    """A prompt upload that is wrong in one of many ways (or, rarely, right)."""
-    audio = rng.choice([_npy(np.zeros((1, 5, 8), np.int64)), _npy_header((1, 2**40, 8)),
-                        _npy_header((2**62,)), _npy(np.full((1, 5, 8), 0.5)), _npy(np.zeros((1, 5, 8), "U1")),
-                        _npy(np.zeros((1, 5, 7), np.int16)), b"\x93NUMPY\x01\x00garbage",
-                        _npy(np.full((1, 5, 8), 4096))])
-    text = rng.choice([_npy(np.zeros((1, 3), np.int64)), _npy_header((1, 2**50)), _npy(np.zeros(3))])
-    lang = rng.choice([_npy(np.array(2)), _npy(np.array("2")), _npy(np.array([7])), _npy(np.array("en")),
-                       _npy_header((2**45,), "<f8")])
-    names = rng.choice([("audio_tokens.npy", "text_tokens.npy", "lang_code.npy"),
-                        ("audio_tokens", "text_tokens", "lang_code"), ("a.npy", "b.npy", "c.npy")])
-    data = _npz(dict(zip(names, (audio, text, lang), strict=True)))
-    if rng.random() < 0.2:
-        cut = rng.randrange(len(data))
-        data = data[:cut] + bytes([rng.randrange(256)]) + data[cut + 1:]
-    return data
-
-
-def _params(rng: random.Random, method: str) -> Any:
-    if rng.random() < 0.1:
-        return rng.choice(_JUNK_VALUES)
-    if method == "synthesize":
-        params: dict[str, Any] = {"text": rng.choice(["Hi.", "", "   ", "\x07", "[ZH]你好[ZH]こんにちは",
-                                                     "ä" * 5000, 5, None, "x" * 10])}
-        for key in rng.sample(["voice", "language", "accent", "long", "seed", "top_k", "temperature",
-                               "return", "progress", "fresh", "bogus"], rng.randint(0, 5)):
-            params[key] = rng.choice([*_JUNK_VALUES, "en", "mix", "auto", "native", "path", "Tugão", ".."])
-        # Always one field out of range: the fuzzer exercises validation, not the model.
-        params["temperature"] = rng.choice([0.0, -1.0, 1e9, "hot", None, [1.0]])
-        return params
-    if method == "presets.install":
-        return {"name": rng.choice(["voice", "Tugão", "../x", "", "a" * 300, 7]),
-                "data": hostile_npz(rng) if rng.random() < 0.8 else rng.choice(_JUNK_VALUES),
-                "overwrite": rng.choice([True, False, "yes"])}
-    if method == "presets.remove":
-        return {"name": rng.choice(["nobody", "Tuga\u0303o", "../../etc", "", None, "a\u200bb"])}
-    if method == "cache.prune":
-        return {"max_age_s": rng.choice([None, -1, 1e9, "x"]), "dry_run": True,
-                "max_bytes": rng.choice([None, -5, "x", 2**64 - 1])}
-    return rng.choice([{}, None, {"unexpected": 1}])
-
-
-METHODS = ["ping", "status", "synthesize", "presets.list", "presets.install", "presets.remove",
-           "cache.stats", "cache.prune", "no.such", "", "evil\nline", "x" * 200]
-
-
-def fuzz_frame(rng: random.Random, index: int) -> tuple[bytes, bool]:
-    """(bytes to send, whether the daemon should answer and keep the connection)."""
-    kind = rng.random()
-    if kind < 0.55:  # a map envelope, valid or subtly wrong
-        method = rng.choice(METHODS)
-        message: dict[Any, Any] = {"v": 1, "id": index, "method": method, "params": _params(rng, method)}
-        if rng.random() < 0.3:
-            field_name = rng.choice(["v", "id", "method", "params"])
-            message[field_name] = rng.choice([*_JUNK_VALUES, _nested(rng.choice([30, 31, 32, 40, 400]))])
-        if rng.random() < 0.05:
-            message[rng.choice([1, b"k", "extra"])] = rng.choice(_JUNK_VALUES)
-        body = msgpack.packb(message, use_bin_type=rng.random() < 0.9)
-        return protocol.HEADER.pack(len(body)) + body, True
-    if kind < 0.70:  # deep nesting (built by hand: msgpack's packer stops at 512 levels)
-        depth = rng.choice([33, 100, 1000, 3000])
-        body = (b"\x83" + msgpack.packb("v") + b"\x91" * depth + b"\x01" + msgpack.packb("id")
-                + msgpack.packb(index) + msgpack.packb("method") + msgpack.packb("ping"))
-        return protocol.HEADER.pack(len(body)) + body, False
-    if kind < 0.85:  # garbage bytes as a body
-        body = bytes(rng.randrange(256) for _ in range(rng.randint(0, 64)))
-        return protocol.HEADER.pack(len(body)) + body, False
-    if kind < 0.92:  # a non-map msgpack value
-        body = msgpack.packb(rng.choice([[1, 2], "str", 5, None, b"bin"]))
-        return protocol.HEADER.pack(len(body)) + body, False
-    if kind < 0.97:  # declared length over the limit (the body is never sent)
-        return protocol.HEADER.pack(rng.choice([2**31, 2**32 - 1, 17 * 2**20])), False
-    # truncated frame: header promises more than is sent, then the client hangs up
-    return protocol.HEADER.pack(100) + b"\x81", False
-
-
 def _exchange(sock: socket.socket, data: bytes, expect_reply: bool) -> dict[str, Any] | None:
     sock.sendall(data)
     if not expect_reply and data[:4] == protocol.HEADER.pack(100) and len(data) < 104:
@@ -224,6 +112,7 @@ def fuzz_section(d: DaemonProcess, frames: int, report: Report, seed: int = 12) 
     pings: list[float] = []
     crashes = hangs = 0
     log_before = len(d.log_text().splitlines())
+    log_chars = len(d.log_text())  # tracebacks are counted from here on (not the daemon's start)
     sock: socket.socket | None = None
     started = time.monotonic()
     for i in range(frames):
@@ -262,9 +151,10 @@ def fuzz_section(d: DaemonProcess, frames: int, report: Report, seed: int = 12) 
     if d.proc.poll() is not None:
         crashes += 1
     log_lines = len(d.log_text().splitlines()) - log_before
-    tracebacks = d.log_text().count("Traceback")
+    during = d.log_text()[log_chars:]
+    tracebacks = during.count("Traceback")
     if tracebacks:
-        report.add("fuzz", "first traceback", first_traceback(d.log_text()))
+        report.add("fuzz", "first traceback", first_traceback(during))
     report.add("fuzz", "socket frames sent", frames, ">= 100,000 (full)")
     report.add("fuzz", "frames/s", f"{frames / seconds:.0f}")
     report.add("fuzz", "INTERNAL replies", codes.get("INTERNAL", 0), "0")
@@ -313,58 +203,12 @@ def http_post(port: int, path: str, body: bytes, content_type: str = "applicatio
                        body))
 
 
-def http_cases() -> list[tuple[str, str, bytes, str]]:
-    """(name, path, body, content type): every one a client mistake or an attack; none may be 500."""
-    deep = b"[" * 100_000 + b"]" * 100_000
-    cases: list[tuple[str, str, bytes, str]] = []
-    for path in ("/generate", "/v1/synthesize"):
-        cases += [
-            ("deep JSON 1000", path, b"[" * 1000 + b"]" * 1000, "application/json"),
-            ("deep JSON 100000", path, deep, "application/json"),
-            ("deep object", path, b'{"a":' * 500 + b"1" + b"}" * 500, "application/json"),
-            ("not JSON", path, b"{nope", "application/json"),
-            ("invalid UTF-8", path, b'{"text": "\xff\xfe"}', "application/json"),
-            ("lone surrogate", path, b'{"text": "\\ud800", "textPrompt": "\\ud800"}', "application/json"),
-            ("form post", path, b"text=hi", "application/x-www-form-urlencoded"),
-            ("array body", path, b"[1, 2]", "application/json"),
-            ("null body", path, b"null", "application/json"),
-            ("huge number", path, b'{"text": "hi", "textPrompt": "hi", "seed": 1e999}', "application/json"),
-            ("wrong types", path, json.dumps({"text": 5, "textPrompt": 5, "language": []}).encode(),
-             "application/json"),
-            ("text too long", path, json.dumps({"text": "a" * 100_000, "textPrompt": "a" * 100_000}).encode(),
-             "application/json"),
-            ("control chars", path, json.dumps({"text": "a\x00b", "textPrompt": "a\x00b"}).encode(),
-             "application/json"),
-            ("mix untagged", path, json.dumps({"text": "[ZH]你好[ZH]こんにちは", "language": "mix",
-                                              "textPrompt": "[ZH]你好[ZH]こんにちは"}).encode(),
-             "application/json"),
-            ("unknown voice", path, json.dumps({"text": "hi", "voice": "Nobody", "textPrompt": "hi",
-                                               "character": "Nobody"}).encode(), "application/json"),
-            ("path voice", path, json.dumps({"text": "hi", "voice": "../../x", "textPrompt": "hi",
-                                            "character": "../../x"}).encode(), "application/json"),
-            ("bad language", path,
-             json.dumps({"text": "hi", "language": {"x": 1}, "textPrompt": "hi"}).encode(),
-             "application/json"),
-        ]
-    cases.append(("unknown field on /v1", "/v1/synthesize", b'{"text": "hi", "requestTime": 1}',
-                  "application/json"))
-    return cases
-
-
-RAW_HTTP = [
-    ("garbage request line", b"GARBAGE\r\n\r\n"),
-    ("negative Content-Length", b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"),
-    ("request line too long", b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n"),
-    ("header without colon", b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n"),
-    ("bad chunked body", b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"),
-]
-
-
 def http_section(d: DaemonProcess, report: Report) -> dict[str, Any]:
     assert d.http_url is not None
     port = int(d.http_url.rsplit(":", 1)[1])
     statuses: Counter[int] = Counter()
     fivehundreds: list[str] = []
+    log_chars = len(d.log_text())
     for name, path, body, ctype in http_cases():
         status = http_post(port, path, body, ctype)
         statuses[status] += 1
@@ -375,9 +219,10 @@ def http_section(d: DaemonProcess, report: Report) -> dict[str, Any]:
         statuses[status] += 1
         if status >= 500:
             fivehundreds.append(f"raw {name}: {status}")
-    tracebacks = d.log_text().count("Traceback")
+    during = d.log_text()[log_chars:]
+    tracebacks = during.count("Traceback")
     if tracebacks:
-        report.add("http", "first traceback", first_traceback(d.log_text()))
+        report.add("http", "first traceback", first_traceback(during))
     total = sum(statuses.values())
     report.add("http", "bad-input cases", total)
     report.add("http", "status counts", ", ".join(f"{k} x{v}" for k, v in sorted(statuses.items())))

@@ -271,3 +271,25 @@ def test_members_named_without_npy_are_found() -> None:
     assert set(np.load(io.BytesIO(buf.getvalue())).files) == set(good)
     prompt = prompt_from_bytes(buf.getvalue(), "voice.npz")
     np.testing.assert_array_equal(prompt.text_tokens, good["text_tokens"])
+
+
+def test_reading_a_prompt_never_uses_ast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy parses .npy headers with ast.literal_eval; CPython 3.11 shares the AST recursion state
+    between threads, so an upload parsed beside the text warm-up failed with "AST constructor
+    recursion depth mismatch" (found by bench/reliability.py). Our reader parses headers itself."""
+    import ast
+
+    def no_ast(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ast used while reading a prompt")
+
+    monkeypatch.setattr(ast, "literal_eval", no_ast)
+    monkeypatch.setattr(ast, "parse", no_ast)
+    good = _good_arrays()
+    prompt = prompt_from_bytes(_npz(**good), "voice.npz")
+    np.testing.assert_array_equal(prompt.audio_tokens, good["audio_tokens"])
+    fortran = np.asfortranarray(good["audio_tokens"])
+    prompt = prompt_from_bytes(_npz(audio_tokens=fortran, text_tokens=good["text_tokens"],
+                                    lang_code=good["lang_code"]), "voice.npz")
+    np.testing.assert_array_equal(prompt.audio_tokens, good["audio_tokens"])
+    _refused(_npz(audio_tokens=np.zeros((1, 3, 8), dtype=[("a", "<i4")]), text_tokens=good["text_tokens"],
+                  lang_code=good["lang_code"]), "unsupported .npy header")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -148,33 +149,58 @@ def _member(zf: zipfile.ZipFile, key: str) -> zipfile.ZipInfo | None:
     return None
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_HEADER_FIELD_RES = {
+    "descr": re.compile(r"'descr'\s*:\s*'([<>|=]?[A-Za-z]\d{0,4})'"),
+    "fortran_order": re.compile(r"'fortran_order'\s*:\s*(True|False)"),
+    "shape": re.compile(r"'shape'\s*:\s*\(\s*((?:\d{1,20}\s*,\s*)*\d{0,20})\s*\)"),
+}
+
+
 def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(f)
-    # 3.0 (utf-8 field names) is only written for structured dtypes, which a prompt never has.
-    raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    """(shape, fortran order, dtype) from a `.npy` header, parsed with regexes rather than
+    numpy's `ast.literal_eval`: a prompt only ever has a plain numeric or string dtype, and
+    CPython 3.11's AST state is shared between threads (two threads in `ast` at once can fail
+    with "AST constructor recursion depth mismatch", e.g. this upload beside the text warm-up)."""
+    magic = f.read(8)
+    if len(magic) != 8 or magic[:6] != _NPY_MAGIC or magic[6] not in (1, 2, 3):
+        raise ValueError("not a .npy array (bad magic)")
+    size_bytes = f.read(2 if magic[6] == 1 else 4)
+    size = int.from_bytes(size_bytes, "little")
+    if len(size_bytes) not in (2, 4) or size > 10_000:
+        raise ValueError("bad .npy header length")
+    header = f.read(size).decode("latin1" if magic[6] < 3 else "utf-8")
+    fields = {key: regex.search(header) for key, regex in _HEADER_FIELD_RES.items()}
+    descr, fortran, dims = fields["descr"], fields["fortran_order"], fields["shape"]
+    if descr is None or fortran is None or dims is None or header.count("':") != 3:
+        raise ValueError(f"unsupported .npy header {header.strip()[:80]!r} (a plain array is expected)")
+    try:
+        dtype = np.dtype(descr.group(1))
+    except TypeError:
+        raise ValueError(f"unknown .npy dtype {descr.group(1)!r}") from None
+    shape = tuple(int(d) for d in dims.group(1).replace(" ", "").split(",") if d)
+    return shape, fortran.group(1) == "True", dtype
 
 
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, name: str) -> np.ndarray:
     """Read one `.npy` member, checking its declared shape and dtype against the limits
-    *before* numpy allocates anything: an 818-byte member may declare (1, 2**40, 8)."""
+    *before* anything is allocated: an 818-byte member may declare (1, 2**40, 8)."""
     if info.file_size > _MAX_ENTRY_BYTES:
         raise _bad(name, f"{key} unpacks to {info.file_size} bytes (limit {_MAX_ENTRY_BYTES})")
     with zf.open(info) as f:
-        shape, _fortran, dtype = _read_header(f)
+        shape, fortran, dtype = _read_header(f)
         if dtype.hasobject:
             raise _bad(name, f"{key} is an object array (pickled data is refused)")
-        if dtype.kind not in "biufSU" or len(shape) > 3 or any(int(d) < 0 for d in shape):
-            raise _bad(name, f"{key} has dtype {dtype} and shape {tuple(shape)}, not a small numeric array")
-        declared = math.prod(int(d) for d in shape) * dtype.itemsize
+        if dtype.kind not in "biufSU" or len(shape) > 3:
+            raise _bad(name, f"{key} has dtype {dtype} and shape {shape}, not a small numeric array")
+        declared = math.prod(shape) * dtype.itemsize
         if declared > _MAX_ENTRY_BYTES:
-            raise _bad(name, f"{key} declares shape {tuple(int(d) for d in shape)} of {dtype}: "
+            raise _bad(name, f"{key} declares shape {shape} of {dtype}: "
                              f"{declared} bytes, over the limit of {_MAX_ENTRY_BYTES}")
-    with zf.open(info) as f:
-        return np.lib.format.read_array(f, allow_pickle=False)
+        data = f.read(declared)
+    if len(data) != declared:
+        raise _bad(name, f"{key} holds {len(data)} bytes of data, its header declares {declared}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def prompt_from_bytes(data: bytes, name: str) -> Prompt:
