@@ -154,7 +154,10 @@ class Client:
                 reason="CLIENT_TIMEOUT",
             ) from None
         except (BrokenPipeError, ConnectionResetError) as exc:
+            refusal = _pending_refusal(sock)
             self.close()
+            if refusal is not None:  # e.g. BUSY: the daemon answered at connect, then hung up
+                raise refusal from None
             raise DaemonUnreachable(self.socket_path, f"connection lost ({exc.strerror or exc})",
                                     hint=START_HINT) from None
 
@@ -186,6 +189,19 @@ class Client:
                 on_wait()
                 told = True
             time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+
+
+def _pending_refusal(sock: socket.socket) -> VallexError | None:
+    """The error frame a daemon sent before hanging up (over its connection limits it answers
+    BUSY at connect and closes, so our request then meets a broken pipe), or None."""
+    try:
+        sock.settimeout(1.0)
+        message = protocol.recv_frame(sock, 1 << 20)
+    except Exception:
+        return None
+    if isinstance(message, dict) and message.get("ok") is False and message.get("id") is None:
+        return VallexError.from_wire(message.get("error"))
+    return None
 
 
 def ping(socket_path: Path, *, timeout: float = 2.0) -> dict[str, Any] | None:

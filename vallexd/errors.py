@@ -8,6 +8,7 @@ errors, and it must start fast.  Every failure that reaches a client is a
 
 from __future__ import annotations
 
+import reprlib
 from enum import Enum
 from typing import Any
 
@@ -90,7 +91,8 @@ class VallexError(Exception):
     def from_wire(cls, wire: Any) -> VallexError:
         """Rebuild an error received from the daemon; tolerate junk without crashing."""
         if not isinstance(wire, dict):
-            return VallexError(f"malformed error from daemon: {wire!r}", code=ErrorCode.PROTOCOL_ERROR)
+            return VallexError(f"malformed error from daemon: {short_repr(wire)}",
+                               code=ErrorCode.PROTOCOL_ERROR)
         try:
             code = ErrorCode(wire.get("code"))
         except ValueError:
@@ -178,3 +180,21 @@ def text_too_long(length: int, limit: int) -> TooLarge:
     """The one TEXT_TOO_LONG error (validation and the text front end raise the same keys)."""
     return TooLarge(f"text has {length} characters; the limit is {limit}", reason="TEXT_TOO_LONG",
                     details={"field": "text", "limit": limit, "length": length})
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2  # a 1000-deep list is shown as [[...]], never recursed into
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr() of an untrusted value, bounded: at most `limit` characters and 2 levels deep.
+
+    Error messages quote what a client sent; a 16 MiB string or a list nested 1000 deep must
+    give a short message (not a RecursionError, nor a 16 MiB log line).
+    """
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile __repr__ cannot reach here from the wire, but stay total
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+

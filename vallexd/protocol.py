@@ -22,12 +22,15 @@ from typing import Any
 
 import msgpack
 
-from vallexd.errors import ProtocolError, TooLarge, VallexError
+from vallexd.errors import ProtocolError, TooLarge, VallexError, short_repr
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 #: Default cap on a request frame read by the daemon (preset .npz uploads fit easily).
 DEFAULT_MAX_REQUEST_FRAME = 16 * 1024 * 1024
+#: Deepest nesting of maps/arrays a request may have (requests need 2-3; the cap keeps every
+#: later walk over untrusted values, e.g. building an error message, far from recursion limits).
+MAX_NESTING = 32
 #: Default cap on a response frame read by the client (long WAV results).
 DEFAULT_MAX_RESPONSE_FRAME = 512 * 1024 * 1024
 
@@ -46,7 +49,31 @@ def unpack_body(body: bytes) -> dict[str, Any]:
         raise ProtocolError("malformed msgpack frame", reason="MALFORMED_FRAME") from None
     if not isinstance(message, dict):
         raise ProtocolError("a frame must hold a msgpack map", reason="MALFORMED_FRAME")
+    if nesting_depth(message, MAX_NESTING) > MAX_NESTING:
+        raise ProtocolError(f"a frame may nest maps and arrays at most {MAX_NESTING} deep",
+                            reason="TOO_DEEP", details={"limit": MAX_NESTING})
     return message
+
+
+def nesting_depth(value: Any, stop_after: int) -> int:
+    """How deep maps/arrays nest in `value` (a scalar is 0), counted without recursion and
+    giving up once past `stop_after` (the answer is then stop_after + 1)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        depth += 1
+        if depth > stop_after:
+            return depth
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list, tuple)))
+    return deepest
 
 
 def check_length(length: int, max_frame: int) -> None:
@@ -60,6 +87,15 @@ def check_length(length: int, max_frame: int) -> None:
 
 async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> dict[str, Any] | None:
     """Read one message; None on a clean end of stream between frames."""
+    length = await read_frame_header(reader, max_frame)
+    if length is None:
+        return None
+    return await read_frame_body(reader, length)
+
+
+async def read_frame_header(reader: asyncio.StreamReader, max_frame: int) -> int | None:
+    """The declared body length of the next frame (checked against `max_frame`); None on a
+    clean end of stream. The body is not read: a server may refuse it first (e.g. BUSY)."""
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -68,6 +104,11 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> dict[str, 
         raise ProtocolError("connection closed inside a frame header", reason="TRUNCATED") from None
     (length,) = HEADER.unpack(header)
     check_length(length, max_frame)
+    return int(length)
+
+
+async def read_frame_body(reader: asyncio.StreamReader, length: int) -> dict[str, Any]:
+    """Read and decode a frame body of `length` bytes (after `read_frame_header`)."""
     try:
         body = await reader.readexactly(length)
     except asyncio.IncompleteReadError:
@@ -123,7 +164,7 @@ def parse_request(message: dict[str, Any]) -> tuple[Any, str, dict[str, Any]]:
     version = message.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"unsupported protocol version {version!r}; this daemon speaks {PROTOCOL_VERSION}",
+            f"unsupported protocol version {short_repr(version)}; this daemon speaks {PROTOCOL_VERSION}",
             reason="UNSUPPORTED_VERSION",
         )
     method = message.get("method")

@@ -79,7 +79,8 @@ def test_old_api_generate_downloads(daemon: DaemonProcess) -> None:
         "longprompt": False,
     })
     reply = json.loads(body)
-    assert status == 200 and reply["code"] == 200 and reply["error"] == "", reply
+    # The old server's types (issue 12, fault 10): code a string, null where it does not apply.
+    assert status == 200 and reply["code"] == "200" and reply["error"] is None, reply
     with urllib.request.urlopen(reply["audioURL"], timeout=10) as resp:
         wav = resp.read()
     assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE"
@@ -100,7 +101,6 @@ def test_old_api_generate_downloads(daemon: DaemonProcess) -> None:
     ({"textPrompt": "hi", "language": 7}, 400, None),
     ({"character": "Mika"}, 400, None),
     ({"textPrompt": "hi", "noaccent": "yes"}, 400, None),
-    ({"textPrompt": "hi", "extra": 1}, 400, None),
     ({"textPrompt": 5}, 400, None),
     ({"textPrompt": "a" * 6000}, 413, None),
     ([1, 2], 400, None),
@@ -108,10 +108,20 @@ def test_old_api_generate_downloads(daemon: DaemonProcess) -> None:
 def test_old_api_errors(daemon: DaemonProcess, body: Any, status: int, error: str | None) -> None:
     got, _, raw = http(daemon, "POST", "/generate", body)
     reply = json.loads(raw)
-    assert got == status and reply["code"] == status and reply["audioURL"] == ""
+    assert got == status and reply["code"] == str(status) and reply["audioURL"] is None
     assert reply["error"]
     if error is not None:
         assert reply["error"] == error
+
+
+def test_old_api_ignores_unknown_fields_but_v1_refuses_them(daemon: DaemonProcess) -> None:
+    # The old server (pydantic defaults) ignored them; its later clients send e.g. a request time.
+    status, _, body = http(daemon, "POST", "/generate", {"textPrompt": "hi", "language": "English",
+                                                         "requestTime": 1700000000, "extra": [1]})
+    reply = json.loads(body)
+    assert status == 200 and reply["code"] == "200" and reply["error"] is None and reply["audioURL"]
+    status, _, body = http(daemon, "POST", "/v1/synthesize", {"text": "hi", "requestTime": 1})
+    assert status == 400 and json.loads(body)["error"]["reason"] == "UNKNOWN_FIELD"
 
 
 def test_old_api_language_names() -> None:
@@ -155,7 +165,7 @@ def test_body_limit(daemon: DaemonProcess) -> None:
 def test_token_required(daemon: DaemonProcess) -> None:
     for token in (None, "wrong"):
         status, headers, body = http(daemon, "POST", "/generate", {"textPrompt": "hi"}, token=token)
-        assert status == 401 and json.loads(body)["code"] == 401
+        assert status == 401 and json.loads(body)["code"] == "401"
         assert headers.get("WWW-Authenticate") == "Bearer"
         status, _, body = http(daemon, "GET", "/status", token=token)
         assert status == 401 and json.loads(body)["error"]["code"] == "UNAUTHENTICATED"
@@ -190,7 +200,7 @@ def test_unknown_route(daemon: DaemonProcess) -> None:
     assert status == 404 and json.loads(body)["error"]["code"] == "NOT_FOUND"
     status, headers, body = http(daemon, "GET", "/generate")
     assert status == 405 and "POST" in headers["Allow"]
-    assert json.loads(body)["code"] == 405  # /generate answers in the old API's shape
+    assert json.loads(body)["code"] == "405"  # /generate answers in the old API's shape
     status, headers, body = http(daemon, "DELETE", "/presets")
     assert status == 405 and json.loads(body)["error"]["reason"] == "METHOD_NOT_ALLOWED"
 
@@ -222,7 +232,7 @@ def test_foreign_origin_refused_before_anything_runs(daemon: DaemonProcess) -> N
                            headers={"Origin": "http://evil.example"})
     reply = json.loads(body)
     assert status == 403 and reply["error"] and set(reply) == {"audioURL", "code", "error"}
-    assert reply["audioURL"] == "" and reply["code"] == 403
+    assert reply["audioURL"] is None and reply["code"] == "403"
     status, _, body = http(daemon, "POST", "/v1/synthesize", {"text": "csrf"}, headers={"Origin": "null"})
     assert status == 403 and json.loads(body)["error"]["reason"] == "BAD_ORIGIN"
     assert tree_snapshot(daemon.workdir, exclude=[daemon.log_path]) == before
@@ -235,7 +245,7 @@ def test_post_needs_json_content_type(daemon: DaemonProcess) -> None:
         assert status == 400 and json.loads(body)["error"]["reason"] == "BAD_CONTENT_TYPE", content_type
     status, _, body = http(daemon, "POST", "/generate", {"textPrompt": "hi"},
                            headers={"Content-Type": "text/plain"})
-    assert status == 400 and json.loads(body)["code"] == 400
+    assert status == 400 and json.loads(body)["code"] == "400"
 
 
 def test_non_ascii_token_is_401(daemon: DaemonProcess) -> None:

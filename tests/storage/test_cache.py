@@ -14,7 +14,7 @@ import pytest
 
 from vallexd.errors import PermissionDenied, Unavailable
 from vallexd.storage import cache as cache_mod
-from vallexd.storage.cache import ResultCache, cache_key, normalize_text, relative_url_path
+from vallexd.storage.cache import ResultCache, cache_key, relative_url_path
 
 BASE: dict[str, Any] = {
     "engine_identity": "e" * 64,
@@ -52,14 +52,14 @@ def test_key_changes_with_every_field(field: str, value: Any) -> None:
     assert cache_key(**{**BASE, field: value}) != cache_key(**BASE)
 
 
-def test_key_canonical_text_and_numbers() -> None:
+def test_key_is_canonical() -> None:
     key = cache_key(**BASE)
     assert len(key) == 64 and int(key, 16) >= 0
-    assert cache_key(**{**BASE, "text": "  Hello \n\t world. "}) == key  # whitespace collapsed
-    assert cache_key(**{**BASE, "temperature": 1}) == key  # 1 and 1.0 are the same temperature
-    # NFC: a precomposed é and e + combining acute are the same text.
-    assert normalize_text("caf\u00e9") == normalize_text("cafe\u0301")
-    assert cache_key(**{**BASE, "text": "caf\u00e9"}) == cache_key(**{**BASE, "text": "cafe\u0301"})
+    assert cache_key(**dict(reversed(list(BASE.items())))) == key  # field order does not matter
+    # tuples and lists encode alike (pieces arrive as tuples of ids)
+    assert cache_key(**{**BASE, "text": ("a", 1)}) == cache_key(**{**BASE, "text": ["a", 1]})
+    # a new field is a new keyword, and changes the key
+    assert cache_key(**BASE, output_format="mp3") != key
 
 
 @pytest.mark.parametrize("text", ["a/b", "../../etc/passwd", "x\0y", "/abs", "..", "\\..\\", "ä" * 3000])
@@ -227,3 +227,48 @@ def test_write_failures_are_typed(tmp_path: Path) -> None:
     assert info.value.reason == "CACHE_WRITE_FAILED"
     denied = cache_mod.os_error(OSError(errno.EROFS, "Read-only file system"), "write", "CACHE_WRITE_FAILED")
     assert isinstance(denied, PermissionDenied) and denied.reason == "CACHE_WRITE_FAILED"
+
+
+@pytest.mark.parametrize("err", [28, 30, 13], ids=["ENOSPC", "EROFS", "EACCES"])
+def test_failed_write_is_unavailable_and_leaves_no_shard(tmp_path: Path, err: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 12, fault 8: a read-only cache gave PERMISSION_DENIED (403 on /generate), and a
+    # failed write left an empty shard folder behind.
+    import os
+
+    cache = ResultCache(tmp_path / "cache")
+    key = cache_key(**BASE)
+
+    def failing_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(cache_mod, "atomic_write", failing_write)
+    with pytest.raises(Unavailable) as info:
+        cache.put(key, wav_like(5))
+    assert info.value.reason == "CACHE_WRITE_FAILED" and info.value.http_status == 503
+    assert os.strerror(err) in info.value.message
+    assert list((tmp_path / "cache").iterdir()) == []  # no empty shard folder
+
+
+def test_real_read_only_and_full_tmpfs(tmp_path: Path) -> None:
+    """The same on real file systems when this process may mount a tmpfs (root), else skipped."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the monkeypatched test covers the logic")
+    try:
+        cache = ResultCache(mnt / "cache")
+        with pytest.raises(Unavailable) as info:  # disk full
+            cache.put(cache_key(**BASE), b"RIFF" + b"\0" * 200_000)
+        assert info.value.reason == "CACHE_WRITE_FAILED"
+        assert list((mnt / "cache").iterdir()) == []
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        with pytest.raises(Unavailable) as info:  # read-only
+            cache.put(cache_key(**{**BASE, "seed": 3}), wav_like(5))
+        assert info.value.reason == "CACHE_WRITE_FAILED"
+        assert list((mnt / "cache").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -121,7 +121,7 @@ CORRUPT = {
                               lang_code=np.array(2)),
     "pickled object": _npz(audio_tokens=np.array([object()], dtype=object), text_tokens=np.zeros((1, 3)),
                            lang_code=np.array(2)),
-    "float codes": _npz(audio_tokens=np.zeros((1, 5, 8)), text_tokens=np.zeros((1, 3), np.int64),
+    "float codes": _npz(audio_tokens=np.full((1, 5, 8), 0.5), text_tokens=np.zeros((1, 3), np.int64),
                         lang_code=np.array(2)),
 }
 
@@ -176,3 +176,37 @@ def test_write_failures_are_typed(tmp_path: Path) -> None:
     with pytest.raises(Unavailable) as info:
         store.remove("stuck")
     assert info.value.reason == "PRESET_WRITE_FAILED"
+
+
+# ---------------------------------------------------------------- issue 12, fault 4: NFC names
+
+
+def test_decomposed_names_are_one_name_everywhere(tmp_path: Path) -> None:
+    import unicodedata
+
+    nfc, nfd = "Tugão", unicodedata.normalize("NFD", "Tugão")
+    assert nfc != nfd and len(nfd) == 6
+    # A file copied from macOS sits in a presets folder with a decomposed name.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / f"{nfd}.npz").write_bytes(prompt_to_bytes(small_prompt(seed=3)))
+    store = PresetStore([tmp_path / "installed", shared], max_bytes=1 << 20)
+    assert store.rescan() == 1
+    assert [p["name"] for p in store.listing()] == [nfc]
+    assert store.get(nfd) is store.get(nfc)
+    # install with the decomposed spelling: stored and listed under the composed one
+    preset = store.install(nfd, prompt_to_bytes(small_prompt(seed=4)), overwrite=True)
+    assert preset.name == nfc and preset.path.name == f"{nfc}.npz"
+    assert store.get(nfd).path == tmp_path / "installed" / f"{nfc}.npz"
+    store.remove(nfd)
+    assert store.get(nfc).folder == shared  # the shadowed one is back
+
+
+def test_bad_name_error_names_the_offending_code_point() -> None:
+    from vallexd.service.requests import validate_name
+
+    for name, needle in [("Tug\u200bão", "U+200B ZERO WIDTH SPACE"), ("a/b", "U+002F SOLIDUS"),
+                         ("x\u00a0y", "U+00A0 NO-BREAK SPACE")]:
+        with pytest.raises(InvalidArgument) as info:
+            validate_name(name)
+        assert needle in info.value.message and info.value.reason == "BAD_NAME"

@@ -96,12 +96,15 @@ def test_missing_key(key: str) -> None:
         ("audio_tokens", np.zeros((1, 0, 8), dtype=np.int64), "shape (1, P>=1, 8)"),
         ("audio_tokens", np.full((1, 3, 8), 1024), "code 1024"),
         ("audio_tokens", np.full((1, 3, 8), -1), "code -1"),
-        ("audio_tokens", np.zeros((1, 3, 8), dtype=np.float32), "integers"),
+        ("audio_tokens", np.full((1, 3, 8), 0.5, dtype=np.float32), "not a whole number"),
+        ("audio_tokens", np.full((1, 3, 8), np.nan, dtype=np.float32), "NaN"),
+        ("audio_tokens", np.zeros((1, 3, 8), dtype=np.complex64), "complex64"),
         ("text_tokens", np.zeros((12,), dtype=np.int64), "shape (1, E)"),
         ("text_tokens", np.full((1, 4), 2048), "id 2048"),
         ("lang_code", np.array(3), "lang_code 3"),
         ("lang_code", np.array([2, 2]), "single integer"),
-        ("lang_code", np.array(2.0), "integers"),
+        ("lang_code", np.array(2.5), "not an integer"),
+        ("lang_code", np.array("two"), "not an integer"),
     ],
 )
 def test_bad_values(key: str, value: np.ndarray, needle: str) -> None:
@@ -199,3 +202,94 @@ def test_prompt_length_caps() -> None:
     arrays = _good_arrays()
     arrays["text_tokens"] = np.full((1, 1025), 10, dtype=np.int64)
     _refused(_npz(**arrays), "1025 tokens")
+
+
+# ---------------------------------------------------------------- issue 12, faults 7 and 13
+
+
+def _npy_header_only(shape: tuple[int, ...], dtype: str = "<i8") -> bytes:
+    """A .npy member whose header declares `shape` but which holds (almost) no data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + b"\0" * 64
+
+
+def test_huge_declared_shape_is_refused_before_allocating() -> None:
+    # 818-byte upload declaring (1, 2**40, 8) int64 = 64 TiB: MemoryError → INTERNAL before.
+    good = _good_arrays()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("audio_tokens.npy", _npy_header_only((1, 2**40, 8)))
+        for key in ("text_tokens", "lang_code"):
+            member = io.BytesIO()
+            np.save(member, good[key])
+            zf.writestr(f"{key}.npy", member.getvalue())
+    data = buf.getvalue()
+    assert len(data) < 2000
+    _refused(data, "audio_tokens", "declares shape (1, 1099511627776, 8)", "over the limit")
+    # every array is checked, not only audio_tokens; and absurd ranks too
+    for key, shape in (("text_tokens", (1, 2**50)), ("lang_code", (2**45,)), ("text_tokens", (1,) * 40)):
+        arrays = {k: v for k, v in good.items()}
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for k, v in arrays.items():
+                if k == key:
+                    zf.writestr(f"{k}.npy", _npy_header_only(shape))
+                else:
+                    member = io.BytesIO()
+                    np.save(member, v)
+                    zf.writestr(f"{k}.npy", member.getvalue())
+        _refused(buf.getvalue(), key)
+
+
+def test_whole_float_tokens_are_accepted_as_the_reference_casts_them() -> None:
+    good = _good_arrays()
+    prompt = prompt_from_bytes(_npz(audio_tokens=good["audio_tokens"].astype(np.float32),
+                                    text_tokens=good["text_tokens"].astype(np.float64),
+                                    lang_code=np.array(2.0, dtype=np.float32)), "voice.npz")
+    np.testing.assert_array_equal(prompt.audio_tokens, good["audio_tokens"])
+    assert prompt.audio_tokens.dtype == np.int64 and prompt.language == "en"
+
+
+@pytest.mark.parametrize("lang_code", [np.array("2"), np.array(b"2"), np.array(2.0), np.array([2]),
+                                       np.array([[2]], dtype=np.uint8), np.array(" 2 "), np.array(True + 1)])
+def test_lang_code_in_any_form_int_accepts(lang_code: np.ndarray) -> None:
+    good = _good_arrays()
+    prompt = prompt_from_bytes(_npz(audio_tokens=good["audio_tokens"], text_tokens=good["text_tokens"],
+                                    lang_code=lang_code), "voice.npz")
+    assert prompt.language == "en"
+
+
+def test_members_named_without_npy_are_found() -> None:
+    good = _good_arrays()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for key, value in good.items():
+            member = io.BytesIO()
+            np.save(member, value)
+            zf.writestr(key, member.getvalue())  # no ".npy": numpy reads it, so do we
+    assert set(np.load(io.BytesIO(buf.getvalue())).files) == set(good)
+    prompt = prompt_from_bytes(buf.getvalue(), "voice.npz")
+    np.testing.assert_array_equal(prompt.text_tokens, good["text_tokens"])
+
+
+def test_reading_a_prompt_never_uses_ast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy parses .npy headers with ast.literal_eval; CPython 3.11 shares the AST recursion state
+    between threads, so an upload parsed beside the text warm-up failed with "AST constructor
+    recursion depth mismatch" (found by bench/reliability.py). Our reader parses headers itself."""
+    import ast
+
+    def no_ast(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ast used while reading a prompt")
+
+    monkeypatch.setattr(ast, "literal_eval", no_ast)
+    monkeypatch.setattr(ast, "parse", no_ast)
+    good = _good_arrays()
+    prompt = prompt_from_bytes(_npz(**good), "voice.npz")
+    np.testing.assert_array_equal(prompt.audio_tokens, good["audio_tokens"])
+    fortran = np.asfortranarray(good["audio_tokens"])
+    prompt = prompt_from_bytes(_npz(audio_tokens=fortran, text_tokens=good["text_tokens"],
+                                    lang_code=good["lang_code"]), "voice.npz")
+    np.testing.assert_array_equal(prompt.audio_tokens, good["audio_tokens"])
+    _refused(_npz(audio_tokens=np.zeros((1, 3, 8), dtype=[("a", "<i4")]), text_tokens=good["text_tokens"],
+                  lang_code=good["lang_code"]), "unsupported .npy header")

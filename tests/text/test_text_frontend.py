@@ -147,8 +147,8 @@ def test_auto_equals_the_detected_language() -> None:
     assert phonemize(text, "auto") == phonemize(text, "en")
 
 
-def test_mix_drops_outside_text_and_tags_each_segment() -> None:
-    ph = phonemize("ignored [EN]Hello[EN] also ignored [ZH]你好[ZH] tail", "mix")
+def test_mix_allows_punctuation_outside_tags_and_tags_each_segment() -> None:
+    ph = phonemize(" - [EN]Hello[EN] ,  [ZH]你好[ZH] 。", "mix")
     assert ph == phonemize("[EN]Hello[EN][ZH]你好[ZH]", "mix")
     en = phonemize("Hello", "en")
     zh = phonemize("你好", "zh")
@@ -158,9 +158,18 @@ def test_mix_drops_outside_text_and_tags_each_segment() -> None:
     assert phonemize("[JA][JA][EN]Hello[EN]", "mix").phonemes == en.phonemes
 
 
-def test_newlines_removed_and_control_characters_dropped() -> None:
-    # The reference removes newlines outright (it does not turn them into spaces).
-    assert phonemize("你好\n世界", "zh") == phonemize("你好世界", "zh")
+def test_mix_refuses_untagged_words_quoting_them() -> None:
+    # issue 12, fault 5: the old API's example; こんにちは would silently not be spoken.
+    with pytest.raises(InvalidArgument) as info:
+        phonemize("[ZH]你好，用日语说是[ZH]こんにちは", "mix")
+    assert info.value.reason == "BAD_MIX_TAGS"
+    assert "'こんにちは'" in info.value.message and info.value.details["position"] == 16
+    for text in ("lead [EN]Hi[EN]", "[EN]Hi[EN] middle [ZH]你好[ZH]", "[EN]Hi[EN]42"):
+        with pytest.raises(InvalidArgument, match="untagged"):
+            phonemize(text, "mix")
+
+
+def test_control_characters_dropped() -> None:
     assert phonemize("  Hello\x00 wor\x07ld\u200b  ", "en") == phonemize("Hello world", "en")
     assert phonemize("今日は\x1b[0m晴れ", "ja") == phonemize("今日は[0m晴れ", "ja")
 

@@ -12,7 +12,7 @@ import pytest
 from vallexd.errors import InvalidArgument
 from vallexd.text import DEFAULT_PHONEME_BUDGET, phonemize, split_text
 from vallexd.text.segments import TAG_RE, parse_mix
-from vallexd.text.split import MIN_PHONEME_BUDGET, sentences
+from vallexd.text.split import MIN_PHONEME_BUDGET, number_spans, sentences
 
 WS = re.compile(r"\s+")
 
@@ -34,6 +34,13 @@ def char_languages(mix_text: str) -> list[tuple[str, str | None]]:
         if seg is not None:
             out.extend((ch, seg.language) for ch in seg.text)
     return out
+
+
+def contains_only_numbers(inner: str) -> bool:
+    """True when every speakable character of `inner` lies inside one uncuttable number."""
+    spans = number_spans(inner)
+    return bool(spans) and all(
+        any(a <= i < b for a, b in spans) for i, ch in enumerate(inner) if ch.isalnum())
 
 
 def check_split(text: str, language: str, budget: int) -> list[str]:
@@ -59,8 +66,10 @@ def check_split(text: str, language: str, budget: int) -> list[str]:
     for piece in pieces:
         n = cost(piece, measure_as)  # every piece has something to say (no EMPTY_TEXT)
         inner = TAG_RE.sub("", piece).strip() if language == "mix" else piece.strip()
-        # Over budget only if it cannot be cut: one character, or marks glued to their words.
-        assert n <= budget or len(inner) == 1 or cost(strip_marks(piece), measure_as) <= budget, (piece, n)
+        # Over budget only if it cannot be cut: one character, one number (with its currency,
+        # separators and unit), or marks glued to their words.
+        assert (n <= budget or len(inner) == 1 or cost(strip_marks(piece), measure_as) <= budget
+                or contains_only_numbers(inner)), (piece, n)
     return pieces
 
 
@@ -85,8 +94,8 @@ JA = (
 )
 MIX = (
     "[EN]Hello, how are you today? I am fine, thank you. And you?[EN]"
-    "[ZH]你好，世界。今天是2023年5月1日。我们走吧！[ZH] outside text "
-    "[JA]今日の天気もいいですね。一緒に出かけますか。[JA] tail"
+    "[ZH]你好，世界。今天是2023年5月1日。我们走吧！[ZH] — "
+    "[JA]今日の天気もいいですね。一緒に出かけますか。[JA] …"
 )
 
 
@@ -113,11 +122,11 @@ def test_mix_piece_reopens_the_cut_segment() -> None:
 
 
 def test_outside_mix_text_stays_in_place() -> None:
-    text = "lead [EN]One. Two. Three.[EN] middle [JA]はい。[JA] end"
+    text = "« [EN]One. Two. Three.[EN] - [JA]はい。[JA] »"
     pieces = check_split(text, "mix", MIN_PHONEME_BUDGET)
     joined = "".join(pieces)
-    assert joined.startswith("lead [EN]") and joined.endswith("[JA]はい。[JA] end")
-    assert " middle [JA]" in joined
+    assert joined.startswith("« [EN]") and joined.endswith("[JA]はい。[JA] »")
+    assert " - [JA]" in joined
 
 
 def _budget_for(*parts: str, language: str) -> int:
@@ -209,7 +218,7 @@ def random_mix(rng: random.Random, length: int) -> str:
     out = []
     for _ in range(rng.randint(1, 4)):
         if rng.random() < 0.3:
-            out.append(rng.choice([" ", "outside ", "\n", "x"]))
+            out.append(rng.choice([" ", " - ", "\n", "…"]))
         language = rng.choice(["en", "zh", "ja"])
         tag = f"[{language.upper()}]"
         out.append(tag + random_text(rng, language, length // 3) + tag)

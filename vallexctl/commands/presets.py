@@ -107,7 +107,7 @@ def presets_install(source: str | None, name: str | None, overwrite: bool, expec
             raise click.UsageError("give either SOURCE or --from-audio, not both")
         if not name:
             raise click.UsageError("--from-audio needs --name NAME")
-        validate_name(name)
+        name = validate_name(name)
         from vallexctl.from_audio import default_encodec_path, prompt_bytes_from_audio
 
         local = encodec_path is not None or (bool(transcript) and default_encodec_path().is_file())
@@ -134,8 +134,7 @@ def presets_install(source: str | None, name: str | None, overwrite: bool, expec
     else:
         show = stderr_is_tty() if progress is None else progress
         data, default_name, origin = _fetch_source(source, expected_sha256, catalogue_path, show)
-        name = name or default_name
-        validate_name(name)
+        name = validate_name(name or default_name)
 
 
     with state().client() as c:
@@ -154,7 +153,7 @@ def presets_remove(name: str) -> None:
     """Remove an installed preset."""
     from vallexd.service.requests import validate_name
 
-    validate_name(name)
+    name = validate_name(name)
     with state().client() as c:
         result = c.call("presets.remove", {"name": name})
     emit(result, f"removed {result.get('name', name)}")

@@ -145,7 +145,7 @@ def speak(text: str | None, voice: str | None, language: str, accent: str, long:
         raise click.UsageError("--stream needs somewhere to send the audio: -o FILE, --stdout or --play")
     fmt = infer_format(output, fmt)
     player, fmt = _find_player(play, stream, fmt, output, to_stdout)  # before the (slow) synthesis
-    text = _read_checked_text(text, voice)
+    text, voice = _read_checked_text(text, voice)
     want_audio = bool(output or to_stdout or play)
     params = speak_params(text, voice=voice, language=language, accent=accent, long=long, seed=seed,
                           top_k=top_k, temperature=temperature, want_audio=want_audio, long_mode=long_mode)
@@ -191,16 +191,16 @@ def _check_destinations(output: Path | None, to_stdout: bool) -> None:
         check_writable_dir(output)
 
 
-def _read_checked_text(text: str | None, voice: str | None) -> str:
-    """The text to speak (argument or stdin), non-empty, and a voice name that is a name."""
+def _read_checked_text(text: str | None, voice: str | None) -> tuple[str, str | None]:
+    """The text to speak (argument or stdin), non-empty, and the voice name (NFC) if it is a name."""
     text = read_text(text)
     if not text:
         raise InvalidArgument("there is no text to speak", reason="EMPTY_TEXT")
     if voice is not None:
         from vallexd.service.requests import validate_name
 
-        validate_name(voice, "voice")
-    return text
+        voice = validate_name(voice, "voice")
+    return text, voice
 
 
 def _progress_events(progress: bool | None) -> EventHandler:

@@ -277,6 +277,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("idle_timeout", "idle_timeout_s", _positive_float, "seconds before an idle connection is closed",
            metavar="SECONDS"),
+    Option("max_connections_per_uid", "max_connections_per_uid", _non_negative_int,
+           "socket connections one user (peer uid) may hold; 0 = half of max_connections; root and the "
+           "daemon's own uid are exempt", metavar="N"),
     Option("grace", "grace_s", _non_negative_float,
            "seconds in-flight work may finish after SIGTERM before it is cut off", metavar="SECONDS"),
     Option("log_level", "log_level", _log_level, "debug, info, warning or error", metavar="LEVEL"),

@@ -72,6 +72,7 @@ class Config:
     whisper_idle_s: float = 600.0  # Whisper medium holds ~3 GB: released after this idle time; 0 = keep
     # OpenAI voice name -> preset, for /v1/audio/speech (the defaults merged with the configured ones).
     voice_aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VOICE_ALIASES))
+    max_connections_per_uid: int = 0  # socket connections one peer uid may hold; 0 = half of max_connections
 
     @property
     def presets_install_dir(self) -> Path:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vallexd.constants import NUM_QUANTIZERS
+from vallexd.errors import Internal
 from vallexd.inference.batch import ArBatch, ArRow
 from vallexd.inference.model import Cancelled, language_ids
 
@@ -208,15 +208,12 @@ class Scheduler:
     def _finish_piece(self, req: Request, row: ArRow) -> None:
         _, i, prompt_codes, ids = row.owner
         model = self.engine.model
+        if not row.frames:  # EOS at once: a piece that says nothing is a failure, not silence
+            raise Internal(f"the model produced no audio for piece {i + 1} of {req.total}",
+                           reason="NO_AUDIO", details={"piece": i})
         codes0 = torch.tensor(row.frames, dtype=torch.long, device=row.x.device)
-        if codes0.shape[0]:
-            codes = model.generate_nar(row.x, row.langs, prompt_codes, codes0, req.should_stop)
-        else:
-            codes = torch.zeros(0, NUM_QUANTIZERS, dtype=torch.long, device=row.x.device)
-        if codes.shape[0]:
-            audio = self.engine.decode(codes.cpu().numpy().astype(np.int64, copy=False))
-        else:
-            audio = np.zeros(0, dtype=np.float32)
+        codes = model.generate_nar(row.x, row.langs, prompt_codes, codes0, req.should_stop)
+        audio = self.engine.decode(codes.cpu().numpy().astype(np.int64, copy=False))
         req.done[i] = np.asarray(audio, dtype=np.float32)
         if req.sliding and i + 1 < req.total:
             # Always slide without a prompt of its own; else on a fair coin from the request's RNG.

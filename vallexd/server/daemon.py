@@ -180,7 +180,8 @@ class Daemon:
         """Serve the socket now, before the model loads: ping and status answer `state: loading`."""
         cfg = self.config
         self.rpc = RpcServer(self.service, max_frame=cfg.max_frame_bytes, max_connections=cfg.max_connections,
-                             idle_timeout_s=cfg.idle_timeout_s)
+                             idle_timeout_s=cfg.idle_timeout_s,
+                             max_connections_per_uid=cfg.max_connections_per_uid or None)
         self.rpc.use_metrics(self.metrics)
         if self._inherited:
             fd, name = self._inherited[0]

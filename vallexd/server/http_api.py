@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vallexd.audio.formats import CONTENT_TYPES
 from vallexd.config.settings import DEFAULT_VOICE_ALIASES, Config
@@ -46,6 +47,7 @@ from vallexd.errors import (
     Unavailable,
     VallexError,
 )
+from vallexd.protocol import MAX_NESTING, nesting_depth
 from vallexd.server import voices_api
 from vallexd.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vallexd.server.metrics import Metrics
@@ -89,13 +91,16 @@ def check_http_config(host: str, token: str | None) -> None:
 
 
 def map_old_request(body: Any) -> dict[str, Any]:
-    """Translate an old /generate body into synthesize params (validation of values is the service's)."""
+    """Translate an old /generate body into synthesize params (validation of values is the service's).
+
+    Fields it does not know are ignored (logged at debug), as the old server (pydantic's
+    defaults) did: its later clients send more, e.g. a request time. /v1/* stays strict.
+    """
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object", reason="BAD_TYPE")
-    for key in body:
-        if key not in OLD_API_FIELDS:
-            raise InvalidArgument(f"unknown field {key!r}; accepted: {', '.join(OLD_API_FIELDS)}",
-                                  reason="UNKNOWN_FIELD", details={"field": str(key)})
+    unknown = [key for key in body if key not in OLD_API_FIELDS]
+    if unknown:
+        log.debug("/generate: ignoring unknown field(s) %s", ", ".join(log_safe(k, 40) for k in unknown[:8]))
     if "textPrompt" not in body:
         raise InvalidArgument("textPrompt is required", reason="MISSING_FIELD",
                               details={"field": "textPrompt"})
@@ -122,6 +127,32 @@ def map_old_request(body: Any) -> dict[str, Any]:
     if body.get("longprompt") is True:
         params["long_mode"] = "sliding"  # what the reference's longprompt ran (sliding-window)
     return params
+
+
+def old_api_body(status: int, *, url: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """A /generate answer in the old server's types: `code` the HTTP status as a string, and
+    `null` for whichever of audioURL / error does not apply. The HTTP status is the real one."""
+    return {"audioURL": url, "code": str(status), "error": error}
+
+
+class OneLineParserErrors(logging.Filter):
+    """aiohttp logs a request its parser rejects (bad method, bad header, line too long) with a
+    full traceback, at ERROR: a client's junk, not our bug. Keep one INFO line per request,
+    without the traceback; everything else passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = str(getattr(exc, "message", "") or exc).strip().splitlines()
+            args = (record.getMessage(), type(exc).__name__, log_safe(first[0] if first else "", 100))
+            record.msg, record.args = "%s: rejected malformed request: %s %s", args
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_PARSER_FILTER = OneLineParserErrors()
 
 
 class HttpApi:
@@ -173,6 +204,9 @@ class HttpApi:
             # job's `cancelled` event (see _synthesize) so the model does not work for nobody.
             self.app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=2.0,
         )
+        server_log = logging.getLogger("aiohttp.server")
+        if _PARSER_FILTER not in server_log.filters:
+            server_log.addFilter(_PARSER_FILTER)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.requested_port)
         await site.start()
@@ -288,8 +322,7 @@ class HttpApi:
             return openai_error_response(err, status, headers)
         if request.path == "/generate":
             message = "Character not found" if err.code is ErrorCode.NOT_FOUND else err.message
-            return web.json_response({"audioURL": "", "code": status, "error": message},
-                                     status=status, headers=headers)
+            return web.json_response(old_api_body(status, error=message), status=status, headers=headers)
         return web.json_response({"error": err.to_wire()}, status=status, headers=headers)
 
     # ------------------------------------------------------------------ handlers
@@ -304,9 +337,16 @@ class HttpApi:
             raise TooLarge(f"request body over the limit of {self.max_body} bytes",
                            reason="BODY_TOO_LARGE") from None
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise InvalidArgument("the request body is not valid JSON", reason="BAD_JSON") from None
+        except RecursionError:  # "[" * 100000: the parser recursed past Python's limit
+            raise InvalidArgument(f"the request body nests deeper than {MAX_NESTING} levels",
+                                  reason="BAD_JSON", details={"limit": MAX_NESTING}) from None
+        if nesting_depth(body, MAX_NESTING) > MAX_NESTING:
+            raise InvalidArgument(f"the request body nests deeper than {MAX_NESTING} levels",
+                                  reason="BAD_JSON", details={"limit": MAX_NESTING})
+        return body
 
     async def _synthesize(self, request: web.Request, params: dict[str, Any]) -> SynthesisResult:
         """Run a synthesis; if the client disconnects, tell the service so it drops the job."""
@@ -323,8 +363,7 @@ class HttpApi:
     async def generate(self, request: web.Request) -> web.Response:
         params = map_old_request(await self._json_body(request))
         result = await self._synthesize(request, params)
-        return web.json_response({"audioURL": result.url or "", "code": 200, "error": ""},
-                                 headers=result_headers(result))
+        return web.json_response(old_api_body(200, url=result.url), headers=result_headers(result))
 
     async def synthesize(self, request: web.Request) -> web.Response:
         params = await self._json_body(request)

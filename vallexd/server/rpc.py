@@ -22,7 +22,8 @@ from typing import Any
 
 from vallexd import __version__
 from vallexd import protocol as proto
-from vallexd.errors import Busy, InvalidArgument, Unavailable, UnknownMethod, VallexError
+from vallexd.errors import Busy, ErrorCode, InvalidArgument, Unavailable, UnknownMethod, VallexError
+from vallexd.server.limits import ConnectionShares, FrameBudget, LogLimiter
 from vallexd.server.metrics import Metrics
 from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
 
@@ -73,17 +74,44 @@ class _Request:
 
 
 Handler = Callable[[_Request], Awaitable[dict[str, Any]]]
+#: What the reader hands the request loop: (message, bytes taken from the frame budget), None
+#: at EOF, or the error that ends the connection.
+_Item = tuple[dict[str, Any], int] | VallexError | None
+
+
+@dataclass
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    peer: Peer
+    task: asyncio.Task[None]
+    frames: asyncio.Queue[_Item] = field(default_factory=lambda: asyncio.Queue(maxsize=1))
+    current: list[_Request] = field(default_factory=list)  # the running request, so EOF can cancel it
+    held: list[_Item] = field(default_factory=list)  # read, waiting for room in `frames`
+    log: LogLimiter = field(default_factory=LogLimiter)  # error lines of this connection
+
+
+def _suppressed(limiter: LogLimiter) -> str:
+    n = limiter.take_suppressed()
+    return f" ({n} similar line(s) left out)" if n else ""
 
 
 class RpcServer:
     """Serve `service` on a Unix socket (a path or an inherited listening socket)."""
 
     def __init__(self, service: ServiceLike, *, max_frame: int, max_connections: int,
-                 idle_timeout_s: float) -> None:
+                 idle_timeout_s: float, max_connections_per_uid: int | None = None,
+                 frame_budget: int | None = None, exempt_uids: frozenset[int] | None = None) -> None:
+        """`max_connections_per_uid` defaults to half of `max_connections` (root and the daemon's
+        own uid are exempt unless `exempt_uids` says otherwise); `frame_budget` (bytes of large
+        frames in memory at once) defaults to 4 x `max_frame`."""
         self.service = service
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
+        self.shares = ConnectionShares(max_connections_per_uid or max(1, max_connections // 2), exempt_uids)
+        self.frame_budget = FrameBudget(frame_budget or 4 * max_frame)
+        self._refusal_log = LogLimiter(burst=10, interval_s=1.0)
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._busy: set[asyncio.Task[None]] = set()  # connections with a request running
@@ -162,7 +190,10 @@ class RpcServer:
         if sock is not None:
             self._server = await asyncio.start_unix_server(self._on_connect, sock=sock, limit=1 << 16)
         else:
-            self._server = await asyncio.start_unix_server(self._on_connect, path=path, limit=1 << 16)
+            # The backlog covers a burst of connects well past max_connections: the extra ones
+            # must be accepted and told BUSY, not refused by the kernel (EAGAIN) unanswered.
+            self._server = await asyncio.start_unix_server(self._on_connect, path=path, limit=1 << 16,
+                                                           backlog=max(256, 4 * self.max_connections))
 
     def stop_accepting(self) -> None:
         """Close the listener and refuse further requests on open connections."""
@@ -189,103 +220,153 @@ class RpcServer:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     # ------------------------------------------------------------------ connections
+    def _refusal(self, peer: Peer) -> VallexError | None:
+        """Why a new connection of `peer` is refused, or None (and then its slot is counted)."""
+        if self.gate.draining:
+            return Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN")
+        if len(self._connections) >= self.max_connections:
+            return Busy(f"too many connections (limit {self.max_connections}); retry later",
+                        reason="TOO_MANY_CONNECTIONS", details={"limit": self.max_connections})
+        if not self.shares.try_open(peer.uid):
+            return Busy(f"uid {peer.uid} holds its share of {self.shares.per_uid} of the "
+                        f"{self.max_connections} connections; close some or retry later",
+                        reason="TOO_MANY_CONNECTIONS_FOR_USER", details={"limit": self.shares.per_uid})
+        return None
+
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         peer = peer_credentials(writer.get_extra_info("socket"))
-        if self.gate.draining or len(self._connections) >= self.max_connections:
-            err: VallexError = (
-                Unavailable("the daemon is shutting down", reason="SHUTTING_DOWN") if self.gate.draining
-                else Busy(f"too many connections (limit {self.max_connections}); retry later",
-                          reason="TOO_MANY_CONNECTIONS")
-            )
-            access_log.info("rpc refused %s peer %s: %s", "connection", peer, err.code.value)
+        err = self._refusal(peer)
+        if err is not None:
+            if self._refusal_log.allow():
+                access_log.info("rpc refused connection peer %s: %s/%s%s", peer, err.code.value, err.reason,
+                                _suppressed(self._refusal_log))
             await self._send_and_close(writer, proto.error(None, err))
             return
         self._connections.add(task)
+        conn = _Connection(reader, writer, peer, task)
         try:
-            await self._serve_connection(reader, writer, peer, task)
+            await self._serve_connection(conn)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # a bug in here must not take the server down
             to_wire_error(exc, "connection handler")
         finally:
+            self.shares.close(peer.uid)
             self._connections.discard(task)
             self._busy.discard(task)
+            self._release_unserved(conn)
+            if conn.log.suppressed:
+                access_log.info("rpc peer %s: %d more error line(s) left out", peer,
+                                conn.log.take_suppressed())
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                                peer: Peer, task: asyncio.Task[None]) -> None:
-        # The reader runs one frame ahead of the handler; the queue holds at most that one
-        # frame, so a client cannot make us buffer more than 2 frames. Items: a message dict,
-        # None (clean EOF) or a VallexError (framing broken).
-        frames: asyncio.Queue[dict[str, Any] | VallexError | None] = asyncio.Queue(maxsize=1)
-        current: list[_Request] = []  # the running request, so EOF can cancel it
-        held: list[dict[str, Any] | VallexError | None] = []  # read, waiting for room in `frames`
-
-        async def read_loop() -> None:
-            while True:
-                try:
-                    item: dict[str, Any] | VallexError | None = await proto.read_frame(reader, self.max_frame)
-                except VallexError as exc:
-                    item = exc
-                except (ConnectionError, OSError):
-                    item = None
-                if item is None:
-                    for req in current:
-                        req.cancelled.set()
-                held.append(item)
-                await frames.put(item)
-                held.clear()
-                if not isinstance(item, dict):
-                    return
-
-        reader_task = asyncio.get_running_loop().create_task(read_loop())
+    async def _serve_connection(self, conn: _Connection) -> None:
+        """Serve one connection: a reader task one frame ahead, requests handled in order."""
+        reader_task = asyncio.get_running_loop().create_task(self._read_loop(conn))
         try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(frames.get(), self.idle_timeout_s)
-                except asyncio.TimeoutError:
-                    log.debug("closing idle connection of %s", peer)
-                    return
-                if item is None:
-                    return
-                if isinstance(item, VallexError):
-                    # Broken framing: we cannot find the next frame boundary, so answer and hang up.
-                    access_log.info("rpc id=- method=- peer %s error=%s (%s)", peer, item.code.value,
-                                    item.reason or "")
-                    await self._send_and_close(writer, proto.error(None, item))
-                    return
-                self._busy.add(task)
-                try:
-                    with self.gate.track():
-                        await self._handle(item, writer, peer, current)
-                finally:
-                    self._busy.discard(task)
-                if self.gate.draining or writer.is_closing():
-                    return
+            await self._request_loop(conn)
         finally:
             reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader_task
             if self.gate.draining:
-                # Requests the client already sent (read ahead, or read while the connection sat
-                # idle when shutdown began) get an answer instead of silence, as the protocol says.
-                unserved = []
-                while not frames.empty():
-                    unserved.append(frames.get_nowait())
-                unserved += held
-                for item in unserved:
-                    if isinstance(item, dict):
-                        access_log.info("rpc id=%s method=%s peer %s refused: UNAVAILABLE/SHUTTING_DOWN",
-                                        log_safe(_safe_id(item)), log_safe(item.get("method"), 64), peer)
-                        self._write(writer, proto.error(_safe_id(item), Unavailable(
-                            "the daemon is shutting down", reason="SHUTTING_DOWN")))
+                self._refuse_unserved(conn)
+
+    async def _read_frame(self, conn: _Connection) -> _Item:
+        """The next frame as (message, budgeted bytes), None at EOF, or a VallexError that ends
+        the connection (broken framing, or BUSY when the frame budget cannot take its body: the
+        body is then never read)."""
+        try:
+            length = await proto.read_frame_header(conn.reader, self.max_frame)
+            if length is None:
+                return None
+            if not self.frame_budget.try_take(length):
+                return Busy(f"the daemon is reading too many large frames at once "
+                            f"({self.frame_budget.limit} bytes); retry later", reason="FRAME_BUDGET",
+                            details={"length": length, "budget": self.frame_budget.limit})
+            try:
+                return await proto.read_frame_body(conn.reader, length), length
+            except BaseException:
+                self.frame_budget.give_back(length)
+                raise
+        except VallexError as exc:
+            return exc
+        except (ConnectionError, OSError):
+            return None
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        """Read frames into `conn.frames` (at most one waiting, so at most 2 frames buffered); EOF
+        cancels the running request (the client went away)."""
+        while True:
+            item = await self._read_frame(conn)
+            if item is None:
+                for req in conn.current:
+                    req.cancelled.set()
+            conn.held.append(item)
+            await conn.frames.put(item)
+            conn.held.clear()
+            if not isinstance(item, tuple):
+                return
+
+    async def _request_loop(self, conn: _Connection) -> None:
+        while True:
+            try:
+                item = await asyncio.wait_for(conn.frames.get(), self.idle_timeout_s)
+            except asyncio.TimeoutError:
+                log.debug("closing idle connection of %s", conn.peer)
+                return
+            if item is None:
+                return
+            if isinstance(item, VallexError):
+                await self._reject_frame(conn, item)
+                return
+            message, length = item
+            self._busy.add(conn.task)
+            try:
+                with self.gate.track():
+                    await self._handle(message, conn.writer, conn.peer, conn.current, conn.log)
+            finally:
+                self._busy.discard(conn.task)
+                self.frame_budget.give_back(length)
+            if self.gate.draining or conn.writer.is_closing():
+                return
+
+    async def _reject_frame(self, conn: _Connection, err: VallexError) -> None:
+        """Broken framing (or a refused body): we cannot find the next frame boundary, so
+        answer and hang up."""
+        if conn.log.allow():
+            access_log.info("rpc id=- method=- peer %s error=%s (%s)", conn.peer, err.code.value,
+                            err.reason or "")
+        await self._send_and_close(conn.writer, proto.error(None, err))
+
+    def _unserved(self, conn: _Connection) -> list[tuple[dict[str, Any], int]]:
+        items: list[_Item] = []
+        while not conn.frames.empty():
+            items.append(conn.frames.get_nowait())
+        items += conn.held
+        conn.held.clear()
+        return [item for item in items if isinstance(item, tuple)]
+
+    def _refuse_unserved(self, conn: _Connection) -> None:
+        """At shutdown, requests the client already sent (read ahead, or read while the connection
+        sat idle) get an answer instead of silence, as the protocol says."""
+        for message, length in self._unserved(conn):
+            self.frame_budget.give_back(length)
+            access_log.info("rpc id=%s method=%s peer %s refused: UNAVAILABLE/SHUTTING_DOWN",
+                            log_safe(_safe_id(message)), log_safe(message.get("method"), 64), conn.peer)
+            self._write(conn.writer, proto.error(_safe_id(message), Unavailable(
+                "the daemon is shutting down", reason="SHUTTING_DOWN")))
+
+    def _release_unserved(self, conn: _Connection) -> None:
+        for _message, length in self._unserved(conn):
+            self.frame_budget.give_back(length)
 
     async def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter, peer: Peer,
-                      current: list[_Request]) -> None:
+                      current: list[_Request], limiter: LogLimiter | None = None) -> None:
         started = time.monotonic()
         request_id: Any = _safe_id(message)
         method = "-"
@@ -310,7 +391,7 @@ class RpcServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            error = to_wire_error(exc, f"method {method!r}")
+            error = to_wire_error(exc, f"method {log_safe(method, 64)}")
         reply = proto.ok(request_id, result or {}) if error is None else proto.error(request_id, error)
         self._write(writer, reply)
         try:
@@ -320,11 +401,15 @@ class RpcServer:
             writer.close()
         if self.metrics is not None:
             self.metrics.request("rpc", method, error)
+        if error is not None and error.code is not ErrorCode.INTERNAL and limiter is not None \
+                and not limiter.allow():
+            return  # a client sending bad requests in a loop: its lines are counted, not logged
         cached = result.get("cached") if isinstance(result, dict) else None
         access_log.info(
-            "rpc id=%s method=%s peer %s %.0fms cached=%s %s",
+            "rpc id=%s method=%s peer %s %.0fms cached=%s %s%s",
             log_safe(request_id), log_safe(method, 64), peer, (time.monotonic() - started) * 1000,
             "-" if cached is None else ("hit" if cached else "miss"), outcome(error),
+            _suppressed(limiter) if limiter is not None else "",
         )
 
     def _write(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -135,12 +136,16 @@ def _choice(params: dict[str, Any], field: str, default: str, choices: tuple[str
 
 
 def validate_name(name: Any, field: str = "name") -> str:
-    """A preset name: 1-64 of letters, digits, `_ - . '` and space, not starting with '.'.
+    """A preset name, NFC-normalised: 1-64 of letters, digits, `_ - . '` and space, not starting with '.'.
 
-    Never a path: '/', '\\', NUL and a leading '.' (hence '..') are all refused.
+    Returns the NFC form: every place a name enters (install, lookup, HTTP, socket, the
+    presets folders) calls this and uses the result, so `Tugão` typed composed and decomposed
+    (macOS file names) are one name. Never a path: '/', '\\', NUL and a leading '.' (hence
+    '..') are all refused; the error names the first offending code point.
     """
     if not isinstance(name, str):
         raise _bad_type(field, "a string", name)
+    name = unicodedata.normalize("NFC", name)
     if (
         not (1 <= len(name) <= NAME_MAX)
         or name.startswith(".")
@@ -150,12 +155,26 @@ def validate_name(name: Any, field: str = "name") -> str:
     ):
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise InvalidArgument(
-            f"invalid preset name {shown!r}: use 1-{NAME_MAX} letters, digits, '_', '-', '.', \"'\" or "
-            "spaces, not starting with '.' nor starting/ending with a space",
+            f"invalid preset name {shown!r}{_name_problem(name)}: use 1-{NAME_MAX} letters, digits, "
+            "'_', '-', '.', \"'\" or spaces, not starting with '.' nor starting/ending with a space",
             reason="BAD_NAME",
             details={"field": field},
         )
     return name
+
+
+def _name_problem(name: str) -> str:
+    """Which rule a (NFC) name breaks, naming the code point: the name may print exactly like a
+    valid one (a combining mark, a look-alike space, a control character)."""
+    for i, ch in enumerate(name):
+        if not _NAME_RE.fullmatch(ch):
+            label = unicodedata.name(ch, unicodedata.category(ch))
+            return f" (character {i + 1} is U+{ord(ch):04X} {label}, which is not allowed)"
+    if not name:
+        return " (empty)"
+    if len(name) > NAME_MAX or len(name.encode("utf-8", "replace")) > _NAME_MAX_UTF8:
+        return " (too long)"
+    return ""
 
 
 def is_valid_name(name: str) -> bool:

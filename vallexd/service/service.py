@@ -1,7 +1,18 @@
 """The service core both transports call: request -> validation -> cache -> queue -> model -> WAV.
 
-    synthesize: validate -> preset lookup -> cache key -> hit? return it (the model is never touched)
-                -> text front end (its own thread) -> worker queue -> engine -> WAV -> cache -> result
+    synthesize: validate -> normalise the text (once) -> preset lookup
+                -> model input already known for this text? -> cache key -> hit? return it
+                -> text front end (its own thread) -> model input -> cache key -> hit? return it
+                -> worker queue -> engine (retried if it made no audio) -> WAV -> cache -> result
+
+Cache key. The key is built from the model input itself (the phoneme ids and token
+languages of every piece, the prompt's digest, sampling, the engine identity), so two
+requests share an entry exactly when the model reads the same thing, whatever the text
+looked like. To keep hits off the text thread, the digest of the model input is remembered
+(in memory, bounded) per normalised text + language + accent + long mode + budget: the
+front end is deterministic in those within one process, so the remembered digest is the one
+the front end would produce again. After a restart, the first request of a text runs the
+front end once, then finds its entry.
 
 Every failure is a `VallexError`.  Blocking work never runs on the event loop:
 cache and preset file I/O go to the default executor, the text front end to a
@@ -16,11 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import inspect
+import json
 import logging
 import os
 import time
 import wave
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +48,7 @@ from vallexd import __version__
 from vallexd.audio.encode import decode_wav_float, encode_audio
 from vallexd.config import Config
 from vallexd.constants import SAMPLE_RATE
-from vallexd.errors import Busy, InvalidArgument, Timeout, Unavailable, VallexError
+from vallexd.errors import Busy, Internal, InvalidArgument, Timeout, Unavailable, VallexError
 from vallexd.protocol import PROTOCOL_VERSION
 from vallexd.service.coalesce import Coalescer, Run
 from vallexd.service.requests import (
@@ -80,8 +95,10 @@ class SynthesisRecord:
 
 @dataclass
 class _Made:
-    """The shared outcome of one model run (see `Service._produce`)."""
+    """The shared outcome of one model run, or of a cache hit found after the text stage
+    (see `Service._produce`)."""
 
+    key: str
     data: bytes
     path: Path | None
     store_error: VallexError | None
@@ -89,6 +106,7 @@ class _Made:
     pieces: int
     owner: SynthesisRecord  # the request that began the run
     work_s: float
+    cached: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -100,6 +118,28 @@ def _warm_text() -> None:
         log.info("text front end ready (%s)", ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
     except Exception:  # a front end that cannot warm up will report properly on first use
         log.warning("text front end warm-up failed", exc_info=True)
+
+
+#: How many times an unseeded synthesis that produced no audio is drawn again (a seeded one
+#: would draw the same codes: it fails at once).
+NO_AUDIO_ATTEMPTS = 3
+#: Remembered text -> model-input digests (about 200 bytes each).
+MODEL_INPUT_MEMO = 16384
+
+
+def model_input_digest(pieces: list[Piece]) -> str:
+    """sha256 hex of what the model reads: every piece's phoneme ids and token language(s)."""
+    doc = [[[int(i) for i in ids], langs if isinstance(langs, str) else list(langs)] for ids, langs in pieces]
+    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
+
+
+def _no_audio(piece: int | None, attempts: int) -> Internal:
+    where = f"piece {piece + 1}" if piece is not None else "the text"
+    return Internal(
+        f"the model produced no audio for {where} (it drew end-of-speech at once) in {attempts} "
+        f"attempt{'s' if attempts > 1 else ''}; a shorter voice prompt, another seed or other text may help",
+        reason="NO_AUDIO", details={"attempts": attempts, **({"piece": piece} if piece is not None else {})},
+    )
 
 
 def _ms(seconds: float) -> float:
@@ -144,7 +184,9 @@ class Service:
         self._quiet = asyncio.Event()  # set whenever _active drops to 0
         self._preparing = 0  # cache misses admitted but not yet handed to the worker (text stage)
         self._started_at = time.monotonic()
-        self.counters = {"synthesize": 0, "cache_hits": 0, "cache_misses": 0, "errors": 0}
+        self.counters = {"synthesize": 0, "cache_hits": 0, "cache_misses": 0, "errors": 0,
+                         "no_audio_retries": 0}
+        self._model_inputs: OrderedDict[str, str] = OrderedDict()  # text digest -> model input digest
         self._coalescer: Coalescer[_Made] = Coalescer()
         #: Metrics hook: called with each successful synthesize call's SynthesisRecord.
         self.on_record: Callable[[SynthesisRecord], None] | None = None
@@ -260,22 +302,16 @@ class Service:
         started = record.started
         self._check_accepting()
         _raise_if_cancelled(cancelled)
-        req = validate_synthesize(params, max_text_chars=self.config.max_text_chars)
+        req = self._normalised(validate_synthesize(params, max_text_chars=self.config.max_text_chars))
         preset = self.presets.get(req.voice) if req.voice is not None else None
-        key = self._cache_key(req, preset)
-        want_audio = req.return_mode == "audio"
-        if not req.fresh:
-            # A hit that is streamed needs its bytes even for `return: path`.
-            hit = await asyncio.to_thread(self._read_hit, key, want_audio or on_audio is not None)
+        text_key = self._text_digest(req)
+        known = self._model_inputs.get(text_key)
+        if known is not None and not req.fresh:
+            # Fast path: this text was read before, so its model input (and cache key) is known.
+            self._model_inputs.move_to_end(text_key)
+            hit = await self._hit(req, self._cache_key(req, preset, known), record, on_audio)
             if hit is not None:
-                self.counters["cache_hits"] += 1
-                record.cached = True
-                data, path, seconds = hit
-                if on_audio is not None and data is not None:
-                    on_audio(await asyncio.to_thread(decode_wav_float, data))
-                record.first_audio_s = time.monotonic() - started
-                return await self._result(req, key, data, path, seconds, cached=True, pieces=0,
-                                          started=started, streamed=on_audio is not None)
+                return hit
 
         self.counters["cache_misses"] += 1
 
@@ -286,17 +322,22 @@ class Service:
                 on_audio(samples)
 
         pending: list[asyncio.Future[Any]] = []
+        # Identical concurrent requests (same text key, voice and sampling) share one run.
+        run_key = self._cache_key(req, preset, f"text:{text_key}")
         made = await self._coalescer.run(
-            key, lambda run: self._produce(req, preset, key, record, run), cancelled=cancelled,
-            on_audio=deliver, progress=self._reporter(req, progress, pending))
+            run_key, lambda run: self._produce(req, preset, text_key, known, record, run),
+            cancelled=cancelled, on_audio=deliver, progress=self._reporter(req, progress, pending))
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         record.coalesced = made.owner is not record
-        record.model_s = None if record.coalesced else made.work_s
-        if made.path is None and not want_audio:
+        record.model_s = None if record.coalesced or made.cached else made.work_s
+        record.cached = made.cached
+        if made.path is None and req.return_mode != "audio":
             assert made.store_error is not None
             raise made.store_error
-        result = await self._result(req, key, made.data, made.path, made.seconds, cached=False,
+        if made.cached:
+            self.counters["cache_hits"] += 1
+        result = await self._result(req, made.key, made.data, made.path, made.seconds, cached=made.cached,
                                     pieces=made.pieces, started=started, streamed=on_audio is not None)
         result.timings.update(made.timings)
         return result
@@ -315,30 +356,112 @@ class Service:
 
         return report
 
-    async def _produce(self, req: SynthesisRequest, preset: Preset | None, key: str, owner: SynthesisRecord,
-                       run: Run) -> _Made:
-        """The model part of a miss, shared by every identical request that comes meanwhile."""
+    async def _produce(self, req: SynthesisRequest, preset: Preset | None, text_key: str, known: str | None,
+                       owner: SynthesisRecord, run: Run) -> _Made:
+        """The text stage and model part of a miss, shared by every identical request meanwhile."""
         started = owner.started
         pieces = await self._prepare(req, started, run.cancelled)
         text_done = time.monotonic()
-        audio = await self._run_model(preset, pieces, req, started, run)
-        model_done = time.monotonic()
+        digest = model_input_digest(pieces)
+        self._remember(text_key, digest)
+        key = self._cache_key(req, preset, digest)
         rate = self._sample_rate()
+        if not req.fresh and digest != known:  # another spelling of a text already spoken
+            hit = await asyncio.to_thread(self._read_hit, key, True)
+            if hit is not None:
+                data, path, seconds = hit
+                assert data is not None
+                run.emit_audio(await asyncio.to_thread(decode_wav_float, data))
+                return _Made(key=key, data=data, path=path, store_error=None, seconds=seconds, pieces=0,
+                             owner=owner, work_s=0.0, cached=True)
+        audio = await self._run_model_until_audio(req, preset, pieces, started, run)
+        model_done = time.monotonic()
         data = await asyncio.to_thread(wav_bytes, audio, rate)
         path, store_error = await self._store(key, data)
-        return _Made(data=data, path=path, store_error=store_error, seconds=duration_s(len(audio), rate),
-                     pieces=len(pieces), owner=owner, work_s=model_done - started,
+        return _Made(key=key, data=data, path=path, store_error=store_error,
+                     seconds=duration_s(len(audio), rate), pieces=len(pieces), owner=owner,
+                     work_s=model_done - started,
                      timings={"text_ms": _ms(text_done - started), "model_ms": _ms(model_done - text_done)})
 
-    def _cache_key(self, req: SynthesisRequest, preset: Preset | None) -> str:
+    @staticmethod
+    def _normalised(req: SynthesisRequest) -> SynthesisRequest:
+        """The request with its text in the one canonical form both the key and the front end see."""
+        from vallexd.text.normalize import normalize_text
+
+        text = normalize_text(req.text)
+        if not text:
+            raise InvalidArgument("text is empty", reason="EMPTY_TEXT", details={"field": "text"})
+        return dataclasses.replace(req, text=text)
+
+    def _text_digest(self, req: SynthesisRequest) -> str:
+        """What determines the model input besides the front end's code: normalised text,
+        language, accent, long-text split and mode (the memo's key)."""
+        doc = [req.text, req.language, req.accent,
+               # true and "auto" split alike; the split depends on the phoneme budget
+               "whole" if req.long is False else f"split:{self._split_budget()}:{long_mode(req)}"]
+        return hashlib.sha256(json.dumps(doc, ensure_ascii=False).encode()).hexdigest()
+
+    def _remember(self, text_key: str, digest: str) -> None:
+        self._model_inputs[text_key] = digest
+        self._model_inputs.move_to_end(text_key)
+        while len(self._model_inputs) > MODEL_INPUT_MEMO:
+            self._model_inputs.popitem(last=False)
+
+    def _cache_key(self, req: SynthesisRequest, preset: Preset | None, model_input: str) -> str:
+        """The one place the cache key's fields are listed: add a field here when something
+        new changes the audio. Output format and speed do not: the cache keeps the WAV."""
         return cache_key(
             engine_identity=self.worker.identity,
             preset_digest=preset.digest if preset is not None else None,
-            text=req.text, language=req.language, accent=req.accent,
-            # true and "auto" give the same audio; the split depends on the phoneme budget and mode
-            long="whole" if req.long is False else f"split:{self._split_budget()}:{long_mode(req)}",
-            top_k=req.top_k, temperature=req.temperature, seed=req.seed,
+            model_input=model_input,
+            # the pieces of one text depend on each other in sliding mode
+            long_mode="whole" if req.long is False else long_mode(req),
+            top_k=int(req.top_k), temperature=float(req.temperature), seed=req.seed,
         )
+
+    async def _hit(self, req: SynthesisRequest, key: str, record: SynthesisRecord,
+                   on_audio: AudioFn | None) -> SynthesisResult | None:
+        """The cached result for `key` (its audio handed to on_audio), or None on a miss."""
+        want_audio = req.return_mode == "audio"
+        # A hit that is streamed needs its bytes even for `return: path`.
+        hit = await asyncio.to_thread(self._read_hit, key, want_audio or on_audio is not None)
+        if hit is None:
+            return None
+        self.counters["cache_hits"] += 1
+        record.cached = True
+        data, path, seconds = hit
+        if on_audio is not None and data is not None:
+            on_audio(await asyncio.to_thread(decode_wav_float, data))
+        record.first_audio_s = time.monotonic() - record.started
+        return await self._result(req, key, data, path, seconds, cached=True, pieces=0,
+                                  started=record.started, streamed=on_audio is not None)
+
+    async def _run_model_until_audio(self, req: SynthesisRequest, preset: Preset | None,
+                                     pieces: list[Piece], started: float, run: Run) -> np.ndarray:
+        """`_run_model`, drawn again when a piece (or the whole) came back without audio.
+
+        Zero frames is never a success nor a cache entry: an unseeded request is drawn up to
+        NO_AUDIO_ATTEMPTS times (a fresh draw may speak), a seeded one would draw the same
+        codes and fails at once; then Internal(NO_AUDIO) (HTTP 500) saying what happened.
+        """
+        attempts = 1 if req.seed is not None else NO_AUDIO_ATTEMPTS
+        piece: int | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                audio = await self._run_model(preset, pieces, req, started, run)
+            except VallexError as exc:
+                if exc.reason != "NO_AUDIO":
+                    raise
+                piece = exc.details.get("piece") if isinstance(exc.details.get("piece"), int) else None
+            else:
+                if len(audio):
+                    return audio
+                piece = None
+            log.warning("synthesis produced no audio (%s), attempt %d of %d",
+                        f"piece {piece + 1}" if piece is not None else "whole text", attempt, attempts)
+            if attempt < attempts:
+                self.counters["no_audio_retries"] += 1
+        raise _no_audio(piece, attempts)
 
     async def _prepare(self, req: SynthesisRequest, started: float,
                        cancelled: asyncio.Event | None) -> list[Piece]:
@@ -377,15 +500,18 @@ class Service:
         """Write the WAV into the cache: (path, None), or (None, the error) when it cannot.
 
         A full or read-only cache must not throw away audio a client asked to receive: such a
-        request gets its bytes without a path; for `return: path` the error is raised.
+        request gets its bytes without a path; for `return: path` the error is raised. Whatever
+        the cause (full, read-only, no permission), it is the server's storage: 503 UNAVAILABLE,
+        never a 403 the client could do nothing about.
         """
         try:
             return await asyncio.to_thread(self.cache.put, key, data), None
         except (OSError, VallexError) as exc:
             log.warning("cache: cannot store %s: %s", key[:12], exc)
-            if isinstance(exc, VallexError):
+            if isinstance(exc, Unavailable):
                 return None, exc
-            return None, Unavailable(f"cannot write the result to the cache: {exc.strerror or exc}",
+            detail = exc.message if isinstance(exc, VallexError) else (exc.strerror or str(exc))
+            return None, Unavailable(f"cannot write the result to the cache: {detail}",
                                      reason="CACHE_WRITE_FAILED")
 
     def _deadline_error(self) -> Timeout:

@@ -1,7 +1,9 @@
 """Content-addressed cache of synthesised WAV files.
 
 Layout: `cache_dir/<key[:2]>/<key>.wav`, key = sha256 hex of a canonical
-encoding of everything that determines the audio (see `cache_key`).  The raw
+encoding of everything that determines the audio (see `cache_key`): the service
+keys on the model input itself (phoneme ids and token languages of every piece),
+so two requests share an entry exactly when the model would read the same thing.  The raw
 text never appears in a path, so `/`, `..` or NUL in a request cannot steer a
 write.  The static file server child serves exactly this layout read-only.
 
@@ -24,7 +26,6 @@ import logging
 import os
 import re
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Bump when anything about how audio is produced for a key changes (not the weights:
 #: those are in the engine identity).
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: keyed on the model input (phoneme ids), not the text
 TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".part"
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
@@ -44,37 +45,15 @@ _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _FILE_MODE = 0o644  # "return": "path" hands the path to clients of the socket group: let them read it
 
 
-def normalize_text(text: str) -> str:
-    """NFC, whitespace runs collapsed to one space, ends stripped: same speech, same key."""
-    return unicodedata.normalize("NFC", " ".join(text.split()))
+def cache_key(**fields: Any) -> str:
+    """sha256 hex over a canonical JSON encoding of `fields` and the cache format version.
 
-
-def cache_key(
-    *,
-    engine_identity: str,
-    preset_digest: str | None,
-    text: str,
-    language: str,
-    accent: str,
-    long: str | bool,
-    top_k: int,
-    temperature: float,
-    seed: int | None,
-) -> str:
-    """sha256 hex over a canonical JSON encoding of every input that changes the audio."""
-    doc = {
-        "format": CACHE_FORMAT_VERSION,
-        "engine": engine_identity,
-        "preset": preset_digest,
-        "text": normalize_text(text),
-        "language": language,
-        "accent": accent,
-        "long": long,  # the service passes "whole" or "split:<phoneme budget>" (true and "auto" split alike)
-        "top_k": int(top_k),
-        "temperature": float(temperature),  # 1 and 1.0 encode the same
-        "seed": seed,
-    }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    The caller passes everything that determines the audio (the service: the engine identity,
+    the digest of the model input, the prompt digest, sampling; see `Service._cache_key`);
+    a new input is a new keyword. Tuples encode as lists; keys are sorted.
+    """
+    doc = {"format": CACHE_FORMAT_VERSION, **fields}
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=list)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -183,13 +162,25 @@ class ResultCache:
         return data
 
     def put(self, key: str, data: bytes) -> Path:
-        """Store `data` under `key`, atomically replacing any previous entry."""
+        """Store `data` under `key`, atomically replacing any previous entry.
+
+        Raises Unavailable(CACHE_WRITE_FAILED) whatever the cause (disk full, read-only, no
+        permission): the cache is the daemon's own storage, so this is the server's problem
+        (503), never the client's (403). A failed write leaves no temp file and no shard
+        folder it created.
+        """
         path = self.path(key)
+        shard = path.parent
+        created = not shard.is_dir()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)  # the root may have been removed meanwhile
+            shard.mkdir(parents=True, exist_ok=True)  # the root may have been removed meanwhile
             atomic_write(path, data)
         except OSError as exc:
-            raise os_error(exc, "write the result to the cache", "CACHE_WRITE_FAILED") from None
+            if created:
+                with contextlib.suppress(OSError):
+                    shard.rmdir()  # only if still empty: another writer may have used it meanwhile
+            raise Unavailable(f"cannot write the result to the cache: {exc.strerror or exc}",
+                              reason="CACHE_WRITE_FAILED") from None
         return path
 
     def entries(self) -> list[Entry]:
@@ -250,7 +241,9 @@ class ResultCache:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise os_error(exc, f"remove {e.path.name} from the cache", "CACHE_WRITE_FAILED") from None
+                # The cache is the daemon's own storage: its failures are the server's (503).
+                raise Unavailable(f"cannot remove {e.path.name} from the cache: {exc.strerror or exc}",
+                                  reason="CACHE_WRITE_FAILED") from None
             removed.append(e)
         return {
             "removed": len(removed),

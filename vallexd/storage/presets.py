@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import threading
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,11 @@ class Preset:
         }
 
 
+def _stem_name(path: Path) -> str:
+    """The preset name of a file: its stem, NFC-normalised (macOS writes names decomposed)."""
+    return unicodedata.normalize("NFC", path.name[: -len(SUFFIX)])
+
+
 class PresetStore:
     def __init__(self, dirs: Sequence[Path], *, max_bytes: int) -> None:
         if not dirs:
@@ -74,7 +80,7 @@ class PresetStore:
 
     # ------------------------------------------------------------------ reading
     def _load(self, path: Path) -> Preset | None:
-        name = path.name[: -len(SUFFIX)]
+        name = _stem_name(path)
         try:
             prompt = prompts.load_prompt(path)
         except VallexError as exc:
@@ -111,7 +117,7 @@ class PresetStore:
             index: dict[str, Preset] = {}
             for folder in self.dirs:
                 for path in self._candidates(folder):
-                    name = path.name[: -len(SUFFIX)]
+                    name = _stem_name(path)
                     if name in index:  # an earlier folder wins
                         continue
                     preset = self._load(path)
@@ -137,7 +143,7 @@ class PresetStore:
         return len(self._index)
 
     def get(self, name: str) -> Preset:
-        validate_name(name, "voice")
+        name = validate_name(name, "voice")
         preset = self._index.get(name)
         if preset is None:
             raise NotFound(f"voice {name!r} not found", reason="PRESET_NOT_FOUND", details={"name": name})
@@ -150,7 +156,7 @@ class PresetStore:
     # ------------------------------------------------------------------ writing
     def install(self, name: str, data: bytes, *, overwrite: bool = False) -> Preset:
         """Validate the bytes, then write them atomically into the install dir."""
-        validate_name(name)
+        name = validate_name(name)
         if len(data) > self.max_bytes:
             raise TooLarge(f"preset upload of {len(data)} bytes exceeds the limit of {self.max_bytes} bytes",
                            reason="UPLOAD_TOO_LARGE", details={"limit": self.max_bytes})
@@ -208,10 +214,11 @@ class PresetStore:
 
     def remove(self, name: str) -> None:
         """Delete an installed preset; a shadowed one from another folder becomes visible again."""
-        validate_name(name)
+        name = validate_name(name)
         with self._lock:
             preset = self._index.get(name)
-            path = self.install_dir / f"{name}{SUFFIX}"
+            # The file may be spelled decomposed on disk (copied from macOS): remove that one.
+            path = preset.path if preset is not None else self.install_dir / f"{name}{SUFFIX}"
             if preset is None and not path.exists():
                 raise NotFound(f"voice {name!r} not found", reason="PRESET_NOT_FOUND", details={"name": name})
             if preset is not None and preset.folder != self.install_dir:
@@ -231,8 +238,9 @@ class PresetStore:
                                "PRESET_WRITE_FAILED") from None
             index = {k: v for k, v in self._index.items() if k != name}
             for folder in self.dirs[1:]:
-                candidate = folder / f"{name}{SUFFIX}"
-                if candidate.is_file() and (shadowed := self._load(candidate)) is not None:
+                # Compare NFC names: the file may be spelled decomposed on disk.
+                found = [p for p in self._candidates(folder) if _stem_name(p) == name]
+                if found and (shadowed := self._load(found[0])) is not None:
                     index[name] = shadowed
                     break
             self._index = index

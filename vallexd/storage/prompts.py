@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,18 +56,60 @@ def _bad(name: str, problem: str) -> InvalidArgument:
     return InvalidArgument(f"prompt {name!r}: {problem}", reason="BAD_PROMPT", details={"prompt": name})
 
 
-def _check_int_array(arr: np.ndarray, key: str, name: str) -> None:
-    if arr.dtype == object:
+def _as_int_array(arr: np.ndarray, key: str, name: str) -> np.ndarray:
+    """`arr` as int64 when it holds exact integers, whatever its dtype (the reference casts
+    float32 tokens that hold whole numbers); refuses objects, text and non-whole values."""
+    if arr.dtype.hasobject:
         raise _bad(name, f"{key} is an object array (pickled data is refused)")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise _bad(name, f"{key} must hold integers, not {arr.dtype}")
+    if arr.dtype.kind in "bi":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "u":
+        return _checked_unsigned(arr, key, name)
+    if arr.dtype.kind == "f":
+        if arr.size and not np.isfinite(arr).all():
+            raise _bad(name, f"{key} holds NaN or infinity ({arr.dtype}); it must hold whole numbers")
+        if arr.size and (np.floor(arr) != arr).any():
+            bad = arr[np.floor(arr) != arr].reshape(-1)[0]
+            raise _bad(name, f"{key} holds {float(bad)!r}, not a whole number ({arr.dtype})")
+        if arr.size and np.abs(arr).max() >= 2.0**62:
+            raise _bad(name, f"{key} holds {float(np.abs(arr).max()):g}, far out of range")
+        return arr.astype(np.int64)
+    raise _bad(name, f"{key} must hold integers, not {arr.dtype}")
+
+
+def _checked_unsigned(arr: np.ndarray, key: str, name: str) -> np.ndarray:
+    if arr.size and int(arr.max()) >= 2**63:
+        raise _bad(name, f"{key} holds {int(arr.max())}, far out of range")
+    return arr.astype(np.int64)
+
+
+def _lang_code(value: np.ndarray, name: str) -> int:
+    """lang_code as the reference's `int(...)` reads it: 0-d or 1 element, any number or numeric
+    string ("2", b"2", 2.0); a non-whole number or non-numeric text is refused."""
+    arr = np.asarray(value)
+    if arr.dtype.hasobject:
+        raise _bad(name, "lang_code is an object array (pickled data is refused)")
+    if arr.size != 1:
+        raise _bad(name, f"lang_code must be a single integer, got shape {tuple(arr.shape)}")
+    item = arr.reshape(-1)[0].item()
+    try:
+        if isinstance(item, bytes):
+            item = item.decode("ascii")
+        if isinstance(item, float) and not item.is_integer():
+            raise ValueError(item)
+        code = int(item)
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+        raise _bad(name, f"lang_code {str(item)[:20]!r} is not an integer") from None
+    return code
 
 
 def validate_arrays(audio: np.ndarray, text: np.ndarray, lang_code: np.ndarray, name: str) -> Prompt:
-    """Check the three arrays and build a normalised (int64, C-contiguous) `Prompt`."""
-    _check_int_array(audio, "audio_tokens", name)
-    _check_int_array(text, "text_tokens", name)
-    _check_int_array(lang_code, "lang_code", name)
+    """Check the three arrays and build a normalised (int64, C-contiguous) `Prompt`.
+
+    Shapes are checked before any value is looked at; values must be exact integers in range
+    whatever the dtype (float tokens holding whole numbers are accepted, as the reference
+    casts them). Raises InvalidArgument(BAD_PROMPT) naming the array and the reason.
+    """
     if audio.ndim != 3 or audio.shape[0] != 1 or audio.shape[2] != NUM_QUANTIZERS or audio.shape[1] < 1:
         raise _bad(name, f"audio_tokens must have shape (1, P>=1, 8), got {tuple(audio.shape)}")
     if text.ndim != 2 or text.shape[0] != 1:
@@ -72,8 +118,9 @@ def validate_arrays(audio: np.ndarray, text: np.ndarray, lang_code: np.ndarray, 
         raise _bad(name, f"prompt of {audio.shape[1]} frames is over the limit of {MAX_PROMPT_FRAMES} (30 s)")
     if text.shape[1] > MAX_PROMPT_TEXT:
         raise _bad(name, f"transcript of {text.shape[1]} tokens is over the limit of {MAX_PROMPT_TEXT}")
-    if lang_code.size != 1 or lang_code.ndim > 1:
-        raise _bad(name, f"lang_code must be a single integer, got shape {tuple(lang_code.shape)}")
+    code = _lang_code(lang_code, name)
+    audio = _as_int_array(audio, "audio_tokens", name)
+    text = _as_int_array(text, "text_tokens", name)
     amin, amax = int(audio.min()), int(audio.max())
     if amin < 0 or amax >= CODEBOOK_SIZE:
         bad = amax if amax >= CODEBOOK_SIZE else amin
@@ -83,7 +130,6 @@ def validate_arrays(audio: np.ndarray, text: np.ndarray, lang_code: np.ndarray, 
         if tmin < 0 or tmax >= TEXT_VOCAB_SIZE:
             bad = tmax if tmax >= TEXT_VOCAB_SIZE else tmin
             raise _bad(name, f"text_tokens holds id {bad}, outside 0..{TEXT_VOCAB_SIZE - 1}")
-    code = int(lang_code.reshape(()))
     if code not in CODE_LANGS:
         raise _bad(name, f"lang_code {code} is not one of 0 (zh), 1 (ja), 2 (en)")
     return Prompt(
@@ -93,29 +139,96 @@ def validate_arrays(audio: np.ndarray, text: np.ndarray, lang_code: np.ndarray, 
     )
 
 
+def _member(zf: zipfile.ZipFile, key: str) -> zipfile.ZipInfo | None:
+    """The archive member for array `key`, named with or without `.npy` (numpy reads both)."""
+    for candidate in (f"{key}.npy", key):
+        try:
+            return zf.getinfo(candidate)
+        except KeyError:
+            continue
+    return None
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_HEADER_FIELD_RES = {
+    "descr": re.compile(r"'descr'\s*:\s*'([<>|=]?[A-Za-z]\d{0,4})'"),
+    "fortran_order": re.compile(r"'fortran_order'\s*:\s*(True|False)"),
+    "shape": re.compile(r"'shape'\s*:\s*\(\s*((?:\d{1,20}\s*,\s*)*\d{0,20})\s*\)"),
+}
+
+
+def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a `.npy` header, parsed with regexes rather than
+    numpy's `ast.literal_eval`: a prompt only ever has a plain numeric or string dtype, and
+    CPython 3.11's AST state is shared between threads (two threads in `ast` at once can fail
+    with "AST constructor recursion depth mismatch", e.g. this upload beside the text warm-up)."""
+    magic = f.read(8)
+    if len(magic) != 8 or magic[:6] != _NPY_MAGIC or magic[6] not in (1, 2, 3):
+        raise ValueError("not a .npy array (bad magic)")
+    size_bytes = f.read(2 if magic[6] == 1 else 4)
+    size = int.from_bytes(size_bytes, "little")
+    if len(size_bytes) not in (2, 4) or size > 10_000:
+        raise ValueError("bad .npy header length")
+    header = f.read(size).decode("latin1" if magic[6] < 3 else "utf-8")
+    fields = {key: regex.search(header) for key, regex in _HEADER_FIELD_RES.items()}
+    descr, fortran, dims = fields["descr"], fields["fortran_order"], fields["shape"]
+    if descr is None or fortran is None or dims is None or header.count("':") != 3:
+        raise ValueError(f"unsupported .npy header {header.strip()[:80]!r} (a plain array is expected)")
+    try:
+        dtype = np.dtype(descr.group(1))
+    except TypeError:
+        raise ValueError(f"unknown .npy dtype {descr.group(1)!r}") from None
+    shape = tuple(int(d) for d in dims.group(1).replace(" ", "").split(",") if d)
+    return shape, fortran.group(1) == "True", dtype
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, name: str) -> np.ndarray:
+    """Read one `.npy` member, checking its declared shape and dtype against the limits
+    *before* anything is allocated: an 818-byte member may declare (1, 2**40, 8)."""
+    if info.file_size > _MAX_ENTRY_BYTES:
+        raise _bad(name, f"{key} unpacks to {info.file_size} bytes (limit {_MAX_ENTRY_BYTES})")
+    with zf.open(info) as f:
+        shape, fortran, dtype = _read_header(f)
+        if dtype.hasobject:
+            raise _bad(name, f"{key} is an object array (pickled data is refused)")
+        if dtype.kind not in "biufSU" or len(shape) > 3:
+            raise _bad(name, f"{key} has dtype {dtype} and shape {shape}, not a small numeric array")
+        declared = math.prod(shape) * dtype.itemsize
+        if declared > _MAX_ENTRY_BYTES:
+            raise _bad(name, f"{key} declares shape {shape} of {dtype}: "
+                             f"{declared} bytes, over the limit of {_MAX_ENTRY_BYTES}")
+        data = f.read(declared)
+    if len(data) != declared:
+        raise _bad(name, f"{key} holds {len(data)} bytes of data, its header declares {declared}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
 def prompt_from_bytes(data: bytes, name: str) -> Prompt:
-    """Parse and validate `.npz` bytes; any problem is InvalidArgument(reason="BAD_PROMPT") naming `name`."""
+    """Parse and validate `.npz` bytes; any problem is InvalidArgument(reason="BAD_PROMPT") naming `name`.
+
+    Members may be named with or without `.npy`. Every array's declared shape and dtype are
+    checked against the limits before it is read (no allocation from a hostile header).
+    """
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise _bad(name, "not an .npz file (not a zip archive)")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            missing = [k for k in REQUIRED_KEYS if k not in npz.files]
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = {key: _member(zf, key) for key in REQUIRED_KEYS}
+            missing = [k for k, info in infos.items() if info is None]
             if missing:
-                raise _bad(name, f"missing array {missing[0]!r} (has {sorted(npz.files)})")
-            for key in REQUIRED_KEYS:  # check the declared size before numpy inflates anything
-                size = npz.zip.getinfo(f"{key}.npy").file_size
-                if size > _MAX_ENTRY_BYTES:
-                    raise _bad(name, f"{key} unpacks to {size} bytes (limit {_MAX_ENTRY_BYTES})")
-            arrays = {k: npz[k] for k in REQUIRED_KEYS}
+                names = [n[:40] for n in sorted(n.removesuffix(".npy") for n in zf.namelist())[:10]]
+                raise _bad(name, f"missing array {missing[0]!r} (has {names})")
+            arrays = {k: _read_member(zf, info, k, name) for k, info in infos.items() if info is not None}
     except InvalidArgument:
         raise
-    except ValueError as exc:  # numpy refuses object arrays without allow_pickle
+    except ValueError as exc:  # numpy refuses object arrays without allow_pickle; bad headers
         msg = str(exc)
         if "pickle" in msg.lower():
             raise _bad(name, "contains a pickled object array (refused)") from None
-        raise _bad(name, f"unreadable array: {msg}") from None
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError) as exc:
-        raise _bad(name, f"damaged .npz file: {exc}") from None
+        raise _bad(name, f"unreadable array: {msg[:200]}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, RuntimeError, NotImplementedError,
+            zlib.error) as exc:
+        raise _bad(name, f"damaged .npz file: {str(exc)[:200]}") from None
     return validate_arrays(arrays["audio_tokens"], arrays["text_tokens"], arrays["lang_code"], name)
 
 

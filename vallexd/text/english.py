@@ -23,7 +23,7 @@ from vallexd.text.lazy import Lazy
 
 _comma_number_re = re.compile(r"([0-9][0-9\,]+[0-9])")
 _decimal_number_re = re.compile(r"([0-9]+\.[0-9]+)")
-_pounds_re = re.compile(r"£([0-9\,]*[0-9]+)")
+_pounds_re = re.compile(r"£([0-9\.\,]*[0-9]+)")
 _dollars_re = re.compile(r"\$([0-9\.\,]*[0-9]+)")
 _ordinal_re = re.compile(r"[0-9]+(st|nd|rd|th)")
 _number_re = re.compile(r"[0-9]+")
@@ -76,22 +76,32 @@ def warm_up() -> None:
     english_to_ipa2("Hello, 21st of 1999.")  # first calls compile regexes and inflect's type checks
 
 
-def _expand_dollars(m: re.Match[str]) -> str:
-    match = m.group(1)
-    parts = match.split(".")
+def _expand_currency(match: str, units: tuple[str, str], subunits: tuple[str, str]) -> str:
+    """"3.50" with units ("dollar", "dollars") and subunits ("cent", "cents") → "3 dollars, 50 cents"."""
+    parts = match.replace(",", "").split(".")
     if len(parts) > 2:
-        return match + " dollars"  # unexpected format
-    dollars = int(parts[0]) if parts[0] else 0
-    cents = int(parts[1]) if len(parts) > 1 and parts[1] else 0
-    if dollars and cents:
-        dollar_unit = "dollar" if dollars == 1 else "dollars"
-        cent_unit = "cent" if cents == 1 else "cents"
-        return f"{dollars} {dollar_unit}, {cents} {cent_unit}"
-    if dollars:
-        return f"{dollars} {'dollar' if dollars == 1 else 'dollars'}"
-    if cents:
-        return f"{cents} {'cent' if cents == 1 else 'cents'}"
-    return "zero dollars"
+        return match + " " + units[1]  # unexpected format
+    whole = int(parts[0]) if parts[0] else 0
+    sub = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+    whole_words = f"{whole} {units[0] if whole == 1 else units[1]}"
+    sub_words = f"{sub} {subunits[0] if sub == 1 else subunits[1]}"
+    if whole and sub:
+        return f"{whole_words}, {sub_words}"
+    if whole:
+        return whole_words
+    if sub:
+        return sub_words
+    return "zero " + units[1]
+
+
+def _expand_dollars(m: re.Match[str]) -> str:
+    return _expand_currency(m.group(1), ("dollar", "dollars"), ("cent", "cents"))
+
+
+def _expand_pounds(m: re.Match[str]) -> str:
+    """£3.50 → "3 pounds, 50 pence", read like $3.50 (the reference glued "pounds" to the
+    decimals: "θɹi_pounds.fifty*")."""
+    return _expand_currency(m.group(1), ("pound", "pounds"), ("penny", "pence"))
 
 
 _DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -142,7 +152,7 @@ def normalize_numbers(text: str) -> str:
 
 def _normalize_numbers(text: str) -> str:
     text = _comma_number_re.sub(lambda m: m.group(1).replace(",", ""), text)
-    text = _pounds_re.sub(r"\1 pounds", text)
+    text = _pounds_re.sub(_expand_pounds, text)
     text = _dollars_re.sub(_expand_dollars, text)
     text = _decimal_number_re.sub(lambda m: m.group(1).replace(".", " point "), text)
     text = _ordinal_re.sub(_expand_ordinal, text)
@@ -164,7 +174,7 @@ def _convert(text: str) -> str:
 def english_to_ipa(text: str) -> str:
     # "£N" → "N pounds" must happen before unidecode, which turns "£" into "PS": the
     # reference ran it after, so its pounds rule never fired ("psone* million").
-    text = _pounds_re.sub(r"\1 pounds", text)
+    text = _pounds_re.sub(_expand_pounds, text)
     text = unidecode(text).lower()
     for regex, replacement in _ABBREVIATIONS:
         text = regex.sub(replacement, text)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
-from vallexd.errors import InvalidArgument, text_too_long
+from vallexd.errors import InvalidArgument, short_repr, text_too_long
 from vallexd.text import segments
 from vallexd.text.segments import LANGUAGES, Segment
 from vallexd.text.vocab import has_sound, phoneme_ids
@@ -39,7 +39,7 @@ def check_request(text: object, language: object, max_chars: int | None = None) 
     """Validate type, language and size (cheap, before any heavy work); return the cleaned text."""
     if not isinstance(language, str) or language not in REQUEST_LANGUAGES:
         raise InvalidArgument(
-            f"unknown language {language!r}; expected one of {', '.join(REQUEST_LANGUAGES)}",
+            f"unknown language {short_repr(language)}; expected one of {', '.join(REQUEST_LANGUAGES)}",
             reason="UNKNOWN_LANGUAGE",
         )
     if not isinstance(text, str):
@@ -105,7 +105,7 @@ def token_languages(ph: Phonemes, accent: str) -> str | list[str]:
     if accent in LANGUAGES:
         return accent
     raise InvalidArgument(
-        f"unknown accent {accent!r}; expected one of {', '.join(ACCENTS)}", reason="UNKNOWN_ACCENT"
+        f"unknown accent {short_repr(accent)}; expected one of {', '.join(ACCENTS)}", reason="UNKNOWN_ACCENT"
     )
 
 

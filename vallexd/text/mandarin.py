@@ -16,6 +16,7 @@ import unicodedata
 from typing import Any
 
 from vallexd.text.lazy import Lazy
+from vallexd.text.normalize import drop_emoji
 
 # Latin letters spelled with their Chinese letter names.
 _LATIN_TO_BOPOMOFO = [
@@ -132,7 +133,9 @@ def drop_symbols(text: str) -> str:
     """Remove emoji and other pictographic symbols (Unicode "So"). Deviation: the reference kept
     them and fed the model [UNK] tokens; English (unidecode) and Japanese (marks go through
     unidecode) already drop them, so this makes Mandarin behave the same."""
-    return "".join(ch for ch in text if unicodedata.category(ch) != "So")
+    # Whole emoji sequences (with their selectors, skin tones, ZWJ joins) are already gone
+    # (normalize.drop_emoji runs on every request); this catches single symbols such as ★.
+    return "".join(ch for ch in drop_emoji(text) if unicodedata.category(ch) != "So")
 
 
 def chinese_to_ipa(text: str) -> str:

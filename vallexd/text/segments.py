@@ -2,8 +2,9 @@
 
 Rules (TEXT-FRONTEND.md, "Segments"): newlines are removed and surrounding
 spaces stripped; `en`/`zh`/`ja` make the whole text one segment; `mix` text
-carries `[EN]…[EN]`, `[ZH]…[ZH]`, `[JA]…[JA]` segments (text outside them is
-not spoken); `auto` picks one of en/zh/ja for the whole text with langid
+carries `[EN]…[EN]`, `[ZH]…[ZH]`, `[JA]…[JA]` segments (text outside them may only
+be whitespace and punctuation: untagged words are refused with BAD_MIX_TAGS, see
+`_check_outside`); `auto` picks one of en/zh/ja for the whole text with langid
 restricted to those three. Each segment's phonemes get a trailing space,
 trailing whitespace is removed and a `.` appended unless they end in one of
 `. , ! ? - … ~`.
@@ -17,13 +18,13 @@ control/format characters are dropped before anything else sees them.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
 from vallexd.constants import LANGUAGES
 from vallexd.errors import InvalidArgument
 from vallexd.text.lazy import Lazy
+from vallexd.text.normalize import normalize_text
 
 TAG_TO_LANGUAGE = {"EN": "en", "ZH": "zh", "JA": "ja"}
 LANGUAGE_TO_TAG = {v: k for k, v in TAG_TO_LANGUAGE.items()}
@@ -31,9 +32,6 @@ TAG_RE = re.compile(r"\[(EN|ZH|JA)\]")
 
 _SEGMENT_END = frozenset(".,!?-…~")
 _trailing_ws_re = re.compile(r"\s+$")
-# Categories removed outright: controls, format characters (zero-width joiners, BOM,
-# bidi marks), lone surrogates, private-use and unassigned code points.
-_DROP_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
 
 
 @dataclass(frozen=True)
@@ -43,16 +41,10 @@ class Segment:
 
 
 def clean_input(text: str) -> str:
-    """Remove newlines (as the reference does), drop control/format characters, map other
-    whitespace to a space and strip the ends."""
-    text = text.replace("\r\n", "").replace("\n", "").replace("\r", "")
-    out = []
-    for ch in text:
-        if ch.isspace():
-            out.append(" ")
-        elif unicodedata.category(ch) not in _DROP_CATEGORIES:
-            out.append(ch)
-    return "".join(out).strip()
+    """The one normalisation (`normalize.normalize_text`), then line breaks read as spaces: a
+    line break is a word boundary in every language (the reference removed it and glued the
+    words on either side together)."""
+    return normalize_text(text).replace("\n", " ")
 
 
 def _load_langid() -> Any:
@@ -94,6 +86,7 @@ def parse_mix(text: str) -> list[tuple[str, Segment | None]]:
             reason="BAD_MIX_TAGS",
         )
     for open_tag, close_tag in zip(tags[0::2], tags[1::2], strict=True):
+        _check_outside(text, pos, open_tag.start())
         if open_tag.group(1) != close_tag.group(1):
             raise InvalidArgument(
                 f"mix tag {open_tag.group(0)} at character {open_tag.start()} is closed by "
@@ -104,8 +97,32 @@ def parse_mix(text: str) -> list[tuple[str, Segment | None]]:
         units.append((text[pos : open_tag.start()], segment))
         pos = close_tag.end()
     if pos < len(text):
+        _check_outside(text, pos, len(text))
         units.append((text[pos:], None))
     return units
+
+
+_OUTSIDE_SHOWN = 40
+
+
+def _check_outside(text: str, start: int, end: int) -> None:
+    """Text outside tags may only be whitespace, punctuation or symbols (nothing to speak).
+
+    Deviation: the reference silently dropped untagged words (`[ZH]你好[ZH]こんにちは` never
+    said こんにちは); a client that forgot a tag now hears about it instead of losing text.
+    """
+    outside = text[start:end]
+    first = next((i for i, ch in enumerate(outside) if ch.isalnum()), None)
+    if first is None:
+        return
+    snippet = outside.strip()
+    shown = snippet if len(snippet) <= _OUTSIDE_SHOWN else snippet[:_OUTSIDE_SHOWN] + "…"
+    raise InvalidArgument(
+        f"mix text has untagged text {shown!r} at character {start + first}; it would not be "
+        "spoken: wrap it in [EN]…[EN], [ZH]…[ZH] or [JA]…[JA], or use language auto",
+        reason="BAD_MIX_TAGS",
+        details={"position": start + first, "text": shown},
+    )
 
 
 def mix_segments(text: str) -> list[Segment]:

@@ -18,8 +18,10 @@ quotes and brackets staying with their sentence; Chinese and Japanese:
 a quotation stays whole); a newline always ends a sentence. A sentence
 over the budget is cut at clause punctuation (`, ; :` `，、；：` dashes), then
 at spaces, then, for text without either (Chinese, Japanese, very long words),
-at character boundaries (not inside numbers or Latin words; at jieba word
-boundaries for Chinese, after hiragana runs for Japanese). Adjacent pieces are then packed greedily
+at character boundaries (never inside a number with its currency, separators and
+unit, which stays whole even when it alone exceeds the budget; not inside Latin words
+unless nothing else is left; at jieba word boundaries for Chinese, after hiragana runs
+for Japanese). Adjacent pieces are then packed greedily
 back together while they fit, so a short text stays one piece.
 
 Round trip. For en/zh/ja/auto the pieces are substrings: `"".join(pieces) ==
@@ -42,7 +44,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vallexd.errors import InvalidArgument, VallexError
+from vallexd.errors import InvalidArgument, VallexError, short_repr
 from vallexd.text import segments
 from vallexd.text.frontend import check_request, phonemize
 
@@ -138,15 +140,35 @@ def _is_hiragana(ch: str) -> bool:
     return "\u3041" <= ch <= "\u309f"
 
 
+# A number with its sign, currency, separators and unit: reading it needs all of it at once
+# ("$31,419,689" | ",421,557.31" is two other amounts). Separators are one character between
+# digits (",", ".", "'", NBSP, narrow NBSP, "·"), so "19, 2023" stays two numbers.
+_NUMBER_RE = re.compile(
+    r"[-+−]?[$£€¥₹₩¢]?\d+(?:[.,'\u00a0\u202f·]\d+)*(?:\s?[%‰€£$¥¢]|(?:st|nd|rd|th)\b)?"
+)
+
+
+def number_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every number in `text`; no cut may fall strictly inside one."""
+    return [m.span() for m in _NUMBER_RE.finditer(text) if m.end() - m.start() > 1]
+
+
+def _inside_number(spans: list[tuple[int, int]]) -> set[int]:
+    return {i for start, end in spans for i in range(start + 1, end)}
+
+
 def _char_cuts(text: str, language: str, parts: int = 2) -> list[str]:
     """Cut into `parts` pieces of about equal length at the best character boundaries available:
-    never inside a number or a Latin word (that would change how it is read); for Chinese at a
-    jieba word boundary, for Japanese after a hiragana run (particles and endings close a word)
-    when there is one."""
+    never inside a number (with its currency, separators and unit) nor inside a Latin word
+    when anything else is possible (that would change how it is read); for Chinese at a jieba
+    word boundary, for Japanese after a hiragana run (particles and endings close a word) when
+    there is one. A text that is one number returns whole: it is spoken in one piece even if
+    it alone is over the budget."""
     n = len(text)
-    allowed = [i for i in range(1, n) if not (text[i - 1].isalnum() and text[i - 1].isascii()
-                                               and text[i].isalnum() and text[i].isascii())
-               and not (text[i - 1].isdigit() and text[i].isdigit())]  # fmt: skip
+    forbidden = _inside_number(number_spans(text))
+    anywhere = [i for i in range(1, n) if i not in forbidden]
+    allowed = [i for i in anywhere if not (text[i - 1].isalnum() and text[i - 1].isascii()
+                                           and text[i].isalnum() and text[i].isascii())]  # fmt: skip
     preferred: list[int] = []
     if language == "zh":
         from vallexd.text.mandarin import JIEBA
@@ -158,9 +180,11 @@ def _char_cuts(text: str, language: str, parts: int = 2) -> list[str]:
         preferred = [i for i in allowed if i in ends]
     elif language == "ja":
         preferred = [i for i in allowed if _is_hiragana(text[i - 1]) and not _is_hiragana(text[i])]
-    candidates = preferred or allowed or list(range(1, n))
+    candidates = preferred or allowed or anywhere
+    if not candidates:
+        return [text]
     cuts = sorted({min(candidates, key=lambda i: abs(i * parts - k * n)) for k in range(1, parts)})
-    bounds = [0, *cuts, n] if candidates else [0, n]
+    bounds = [0, *cuts, n]
     return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
@@ -212,7 +236,11 @@ class _Splitter:
         # Longer text is not measured: it is over the budget in any language that speaks it, and
         # OpenJTalk's time grows with the square of an unpunctuated run. A text that was in fact
         # silent (emoji, marks) only gets cut more finely, and packing puts it back together.
-        if cost is not None and (cost <= self.budget or level == len(_LEVELS)):
+        if level == len(_LEVELS):  # uncuttable (e.g. one long number): stays whole, measured
+            if cost is None:
+                cost = self.cost(self._wrap(language, text))
+            return [_Atom(seg, language, text, cost)]
+        if cost is not None and cost <= self.budget:
             return [_Atom(seg, language, text, cost)]
         split = _LEVELS[level]
         if split is _char_cuts:
@@ -315,7 +343,8 @@ def split_text(text: str, language: str, *, budget: int = DEFAULT_PHONEME_BUDGET
     """
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < MIN_PHONEME_BUDGET:
         raise InvalidArgument(
-            f"phoneme budget must be an integer >= {MIN_PHONEME_BUDGET}, got {budget!r}", reason="BAD_BUDGET"
+            f"phoneme budget must be an integer >= {MIN_PHONEME_BUDGET}, got {short_repr(budget)}",
+            reason="BAD_BUDGET",
         )
     cleaned = check_request(text, language)
     if language == "mix":
