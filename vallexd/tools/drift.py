@@ -21,43 +21,11 @@ from typing import Any
 
 import torch
 
-from vallexd.constants import BOS, NUM_QUANTIZERS
+from vallexd.constants import NUM_QUANTIZERS
 from vallexd.inference.checkpoint import load_model
 from vallexd.inference.devices import DTYPES
-from vallexd.inference.model import VallEX, language_ids, prefill_mask
-from vallexd.tools.conformance import read_cases, run_case
-
-
-def case_inputs(case: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x (S,), langs (S,), prompt (P, 8)) of a reference case."""
-    enroll = [int(i) for i in case["enroll_text_ids"]]
-    text = [int(i) for i in case["text_ids"]]
-    langs = language_ids(len(enroll), case["prompt_language"], case["text_language"], len(text))
-    prompt = torch.tensor(case["prompt_codes"], dtype=torch.long).reshape(-1, NUM_QUANTIZERS)
-    return torch.tensor(enroll + text), torch.tensor(langs), prompt
-
-
-@torch.inference_mode()
-def teacher_forced_logits(model: VallEX, x: torch.Tensor, langs: torch.Tensor, prompt: torch.Tensor,
-                          codes: torch.Tensor) -> list[torch.Tensor]:
-    """Logits for `codes` (T, 8) given every earlier code: [AR (T, 1025), NAR 1..7 (T, 1024) each]."""
-    s, p, t = x.shape[0], prompt.shape[0], codes.shape[0]
-    xe = model._text(model.ar_text_embedding, model.ar_language_embedding, model.ar_text_position, x, langs)
-    y = torch.cat([torch.tensor([BOS]), prompt[:, 0], codes[:-1, 0]])  # (1 + P + T - 1,)
-    ye = model.ar_audio_position(model.ar_audio_embedding(y).unsqueeze(0))
-    h = model.ar_decoder(torch.cat([xe, ye], dim=1), mask=prefill_mask(s, y.shape[0], x.device))
-    out = [model.ar_predict_layer(h[0, s + p : s + p + t])]
-    xt = model._text(model.nar_text_embedding, model.nar_language_embedding, model.nar_text_position,
-                     x, langs)
-    ye = model.nar_audio_embeddings[0](torch.cat([prompt[:, 0], codes[:, 0]])).unsqueeze(0)
-    for j in range(1, NUM_QUANTIZERS):
-        ye[:, :p] += model.nar_audio_embeddings[j](prompt[:, j])
-    for stage in range(1, NUM_QUANTIZERS):
-        vec = model.nar_stage_embeddings[stage - 1].word_embeddings.weight
-        h = model.nar_decoder(torch.cat([xt, model.nar_audio_position(ye)], dim=1), stage=vec)
-        out.append(model.nar_predict_layers[stage - 1](h[0, s + p :]))
-        ye[0, p:] += model.nar_audio_embeddings[stage](codes[:, stage])
-    return out
+from vallexd.inference.model import VallEX
+from vallexd.tools.conformance import case_inputs, read_cases, run_case, teacher_forced_logits
 
 
 @dataclass
