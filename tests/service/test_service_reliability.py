@@ -66,18 +66,21 @@ async def test_no_audio_is_retried_then_a_typed_error_and_never_cached(
 
 async def test_an_empty_piece_of_a_long_text_fails_the_request(tmp_path: Path, engine: Any,  # noqa: F811
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real engine, with its per-piece code generation made to return no frames for the
-    second piece only (what the EOS model does for every piece)."""
+    """The real engine and scheduler, with the AR stage of the second piece made to end with no
+    frames (what the EOS model does for every piece)."""
+    from vallexd.inference.scheduler import Scheduler
+
     service = await started(make_config(tmp_path, None, long_budget=16), engine)
-    real = engine.generate_codes
+    real = Scheduler._finish_piece
     calls: list[int] = []
 
-    def second_piece_silent(*args: Any, **kwargs: Any) -> Any:
+    def second_piece_silent(self: Any, req: Any, row: Any) -> Any:
         calls.append(1)
-        codes = real(*args, **kwargs)
-        return codes[:0] if len(calls) % 2 == 0 else codes
+        if len(calls) == 2:
+            row.frames.clear()
+        return real(self, req, row)
 
-    monkeypatch.setattr(engine, "generate_codes", second_piece_silent)
+    monkeypatch.setattr(Scheduler, "_finish_piece", second_piece_silent)
     try:
         with pytest.raises(Internal) as info:
             await synth(service, {"text": "Go home now. Be very calm.", "language": "en", "seed": 3})
