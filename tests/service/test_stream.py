@@ -124,13 +124,13 @@ async def test_stream_errors_before_audio(tmp_path: Path, engine: Any) -> None:
         with pytest.raises(NotFound):
             async with service.synthesize_stream({"text": "Hi.", "voice": "nobody"}) as stream:
                 async for _ in stream.audio():
-                    pass
+                    pytest.fail("audio came before the error")
         cancelled = asyncio.Event()
         cancelled.set()
         with pytest.raises(Timeout):
             async with service.synthesize_stream({"text": "Hi."}, cancelled=cancelled) as stream:
                 async for _ in stream.audio():
-                    pass
+                    pytest.fail("audio came before the error")
     finally:
         await service.drain(1.0)
 
