@@ -377,7 +377,7 @@ async def test_drain_waits_for_request_still_in_text_stage(tmp_path: Path, engin
     service = await started(make_config(tmp_path, None), engine)
     hold = threading.Event()
     # Occupy the (single) text thread so the request is accepted but not yet at the model.
-    blocker = asyncio.get_running_loop().run_in_executor(service._text_executor, hold.wait, 30)
+    blocker = asyncio.get_running_loop().run_in_executor(service.text.executor, hold.wait, 30)
     request = asyncio.ensure_future(synth(service, {"text": "Hi.", "language": "en"}))
     await asyncio.sleep(0.05)
     assert service.worker.in_flight == 0 and service.worker.queue_depth == 0
@@ -453,7 +453,7 @@ async def test_text_stage_counts_against_queue_limit(tmp_path: Path, engine: Any
     service = await started(make_config(tmp_path, None, queue_limit=1), engine)
     probe = EngineProbe(engine, monkeypatch)
     hold = threading.Event()
-    blocker = asyncio.get_running_loop().run_in_executor(service._text_executor, hold.wait, 30)
+    blocker = asyncio.get_running_loop().run_in_executor(service.text.executor, hold.wait, 30)
     try:
         gone = asyncio.Event()
         first = asyncio.ensure_future(synth(service, {"text": "Hi.", "language": "en"},

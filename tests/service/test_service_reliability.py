@@ -12,7 +12,8 @@ import pytest
 from test_service import EngineProbe, engine, make_config, started, synth  # noqa: F401 (fixture)
 
 from vallexd.errors import Internal
-from vallexd.service.service import NO_AUDIO_ATTEMPTS, model_input_digest
+from vallexd.service.service import NO_AUDIO_ATTEMPTS
+from vallexd.service.text_stage import model_input_digest
 from vallexd.text import phonemize, token_languages
 
 
@@ -95,13 +96,13 @@ async def test_cache_key_is_the_model_input(tmp_path: Path, engine: Any,  # noqa
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     service = await started(make_config(tmp_path, None), engine)
     prepared: list[str] = []
-    real_prepare = service._prepare_text
+    real_prepare = service.text.pieces
 
     def counting_prepare(req: Any, *args: Any) -> Any:
         prepared.append(req.text)
         return real_prepare(req, *args)
 
-    monkeypatch.setattr(service, "_prepare_text", counting_prepare)
+    monkeypatch.setattr(service.text, "pieces", counting_prepare)
     try:
         nfc = "パンを食べます。"
         nfd = unicodedata.normalize("NFD", nfc)
@@ -109,7 +110,7 @@ async def test_cache_key_is_the_model_input(tmp_path: Path, engine: Any,  # noqa
         assert first["cached"] is False and prepared == [nfc]  # the front end read the NFC text
         ph = phonemize(nfc, "ja")
         expected = service._cache_key(
-            service._normalised(_req(nfc, "ja", 1)), None,
+            service.text.normalised(_req(nfc, "ja", 1)), None,
             model_input_digest([(ph.ids, token_languages(ph, "native"))]))
         assert first["cache_key"] == expected
         # The NFC spelling is the same normalised text: served from the cache without running
@@ -117,7 +118,7 @@ async def test_cache_key_is_the_model_input(tmp_path: Path, engine: Any,  # noqa
         again = await synth(service, {"text": nfc, "language": "ja", "seed": 1})
         assert again["cached"] is True and again["cache_key"] == first["cache_key"]
         assert prepared == [nfc]
-        service._model_inputs.clear()  # as after a restart: the front end runs, the entry is found
+        service.text.memo.clear()  # as after a restart: the front end runs, the entry is found
         again = await synth(service, {"text": nfc, "language": "ja", "seed": 1})
         assert again["cached"] is True and again["cache_key"] == first["cache_key"] and len(prepared) == 2
         # Other spellings of the same model input share the entry ("Hello  world" reads alike)...

@@ -8,11 +8,7 @@
 Cache key. The key is built from the model input itself (the phoneme ids and token
 languages of every piece, the prompt's digest, sampling, the engine identity), so two
 requests share an entry exactly when the model reads the same thing, whatever the text
-looked like. To keep hits off the text thread, the digest of the model input is remembered
-(in memory, bounded) per normalised text + language + accent + long mode + budget: the
-front end is deterministic in those within one process, so the remembered digest is the one
-the front end would produce again. After a restart, the first request of a text runs the
-front end once, then finds its entry.
+looked like; text_stage.py remembers each text's model input so hits skip the text thread.
 
 Every failure is a `VallexError`.  Blocking work never runs on the event loop:
 cache and preset file I/O go to the default executor, the text front end to a
@@ -27,17 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import inspect
-import json
 import logging
 import os
 import time
 import wave
-from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +52,7 @@ from vallexd.service.requests import (
 )
 from vallexd.service.result import SynthesisResult
 from vallexd.service.stream import SynthesisStream
+from vallexd.service.text_stage import TextStage, long_mode, model_input_digest, warm_text
 from vallexd.service.voices import VoiceMaker
 from vallexd.service.worker import AudioFn, ModelWorker, default_loader
 from vallexd.storage.cache import ResultCache, cache_key, relative_url_path
@@ -110,29 +102,9 @@ class _Made:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _warm_text() -> None:
-    try:
-        from vallexd import text as frontend
-
-        spent = frontend.warm_up()
-        log.info("text front end ready (%s)", ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
-    except Exception:  # a front end that cannot warm up will report properly on first use
-        log.warning("text front end warm-up failed", exc_info=True)
-
-
 #: How many times an unseeded synthesis that produced no audio is drawn again (a seeded one
 #: would draw the same codes: it fails at once).
 NO_AUDIO_ATTEMPTS = 3
-#: Remembered text -> model-input digests (about 200 bytes each).
-MODEL_INPUT_MEMO = 16384
-
-
-def model_input_digest(pieces: list[Piece]) -> str:
-    """sha256 hex of what the model reads: every piece's phoneme ids and token language(s)."""
-    doc = [[[int(i) for i in ids], langs if isinstance(langs, str) else list(langs)] for ids, langs in pieces]
-    return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()
-
-
 def _no_audio(piece: int | None, attempts: int) -> Internal:
     where = f"piece {piece + 1}" if piece is not None else "the text"
     return Internal(
@@ -144,13 +116,6 @@ def _no_audio(piece: int | None, attempts: int) -> Internal:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
-
-
-def long_mode(req: SynthesisRequest) -> str:
-    """The effective long-text mode: without a voice always sliding; else as asked, fixed by default."""
-    if req.voice is None:
-        return "sliding"
-    return req.long_mode or "fixed"
 
 
 def _raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
@@ -176,8 +141,8 @@ class Service:
         self.static_base_url: str | None = None
         #: Set by the lifecycle when the HTTP API listens.
         self.http_url: str | None = None
-        self._text_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vallexd-text")
-        self.voices = VoiceMaker(config, self.presets, self._text_executor)
+        self.text = TextStage(config)
+        self.voices = VoiceMaker(config, self.presets, self.text.executor)
         self._warm_up = warm_up
         self._state = "new"  # -> "loading" in start() -> "running" -> "draining" once drain() begins
         self._active = 0  # synthesize calls in progress (any stage)
@@ -186,7 +151,6 @@ class Service:
         self._started_at = time.monotonic()
         self.counters = {"synthesize": 0, "cache_hits": 0, "cache_misses": 0, "errors": 0,
                          "no_audio_retries": 0}
-        self._model_inputs: OrderedDict[str, str] = OrderedDict()  # text digest -> model input digest
         self._coalescer: Coalescer[_Made] = Coalescer()
         #: Metrics hook: called with each successful synthesize call's SynthesisRecord.
         self.on_record: Callable[[SynthesisRecord], None] | None = None
@@ -211,7 +175,7 @@ class Service:
         if self._warm_up:
             # Load jieba/OpenJTalk/CMU dict in the text thread in the background: readiness does
             # not wait for it, and a first request simply queues behind it in that thread.
-            asyncio.get_running_loop().run_in_executor(self._text_executor, _warm_text)
+            asyncio.get_running_loop().run_in_executor(self.text.executor, warm_text)
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting work; let accepted requests finish within `grace_s`, then cut off the rest.
@@ -227,7 +191,7 @@ class Service:
                 await asyncio.wait_for(self._quiet.wait(), timeout=deadline - time.monotonic())
         await self.worker.stop(max(deadline - time.monotonic(), 0.0))
         self.voices.shutdown()
-        self._text_executor.shutdown(wait=False, cancel_futures=True)
+        self.text.executor.shutdown(wait=False, cancel_futures=True)
 
     def _check_accepting(self) -> None:
         if self._state == "draining":
@@ -302,13 +266,12 @@ class Service:
         started = record.started
         self._check_accepting()
         _raise_if_cancelled(cancelled)
-        req = self._normalised(validate_synthesize(params, max_text_chars=self.config.max_text_chars))
+        req = self.text.normalised(validate_synthesize(params, max_text_chars=self.config.max_text_chars))
         preset = self.presets.get(req.voice) if req.voice is not None else None
-        text_key = self._text_digest(req)
-        known = self._model_inputs.get(text_key)
+        text_key = self.text.digest(req)
+        known = self.text.known(text_key)
         if known is not None and not req.fresh:
             # Fast path: this text was read before, so its model input (and cache key) is known.
-            self._model_inputs.move_to_end(text_key)
             hit = await self._hit(req, self._cache_key(req, preset, known), record, on_audio)
             if hit is not None:
                 return hit
@@ -363,7 +326,7 @@ class Service:
         pieces = await self._prepare(req, started, run.cancelled)
         text_done = time.monotonic()
         digest = model_input_digest(pieces)
-        self._remember(text_key, digest)
+        self.text.remember(text_key, digest)
         key = self._cache_key(req, preset, digest)
         rate = self._sample_rate()
         if not req.fresh and digest != known:  # another spelling of a text already spoken
@@ -382,30 +345,6 @@ class Service:
                      seconds=duration_s(len(audio), rate), pieces=len(pieces), owner=owner,
                      work_s=model_done - started,
                      timings={"text_ms": _ms(text_done - started), "model_ms": _ms(model_done - text_done)})
-
-    @staticmethod
-    def _normalised(req: SynthesisRequest) -> SynthesisRequest:
-        """The request with its text in the one canonical form both the key and the front end see."""
-        from vallexd.text.normalize import normalize_text
-
-        text = normalize_text(req.text)
-        if not text:
-            raise InvalidArgument("text is empty", reason="EMPTY_TEXT", details={"field": "text"})
-        return dataclasses.replace(req, text=text)
-
-    def _text_digest(self, req: SynthesisRequest) -> str:
-        """What determines the model input besides the front end's code: normalised text,
-        language, accent, long-text split and mode (the memo's key)."""
-        doc = [req.text, req.language, req.accent,
-               # true and "auto" split alike; the split depends on the phoneme budget
-               "whole" if req.long is False else f"split:{self._split_budget()}:{long_mode(req)}"]
-        return hashlib.sha256(json.dumps(doc, ensure_ascii=False).encode()).hexdigest()
-
-    def _remember(self, text_key: str, digest: str) -> None:
-        self._model_inputs[text_key] = digest
-        self._model_inputs.move_to_end(text_key)
-        while len(self._model_inputs) > MODEL_INPUT_MEMO:
-            self._model_inputs.popitem(last=False)
 
     def _cache_key(self, req: SynthesisRequest, preset: Preset | None, model_input: str) -> str:
         """The one place the cache key's fields are listed: add a field here when something
@@ -477,7 +416,7 @@ class Service:
         self._preparing += 1
         try:
             pieces = await asyncio.get_running_loop().run_in_executor(
-                self._text_executor, self._prepare_text, req, deadline, cancelled)
+                self.text.executor, self.text.pieces, req, deadline, cancelled)
         finally:
             self._preparing -= 1
         _raise_if_cancelled(cancelled)
@@ -545,48 +484,6 @@ class Service:
         except (OSError, wave.Error, EOFError):
             return None  # vanished or damaged: regenerate
         return None, path, seconds
-
-    def _split_budget(self) -> int:
-        """The effective phoneme budget per piece for long text (part of the cache key)."""
-        from vallexd.text import DEFAULT_PHONEME_BUDGET
-
-        return int(self.config.long_budget or DEFAULT_PHONEME_BUDGET)
-
-    def _prepare_text(self, req: SynthesisRequest, deadline: float,
-                      cancelled: asyncio.Event | None) -> list[Piece]:
-        """Blocking, in the text thread: split (long mode) and phonemize into engine pieces."""
-        from vallexd import text as frontend
-
-        # The request may have waited for this thread: do not phonemize for nobody.
-        _raise_if_cancelled(cancelled)
-        if time.monotonic() >= deadline:
-            raise self._deadline_error()
-        budget = self._split_budget()
-        language = req.language
-        if language == "auto":
-            # Resolve once for the whole text so every piece speaks the same language.
-            language = frontend.detect_language(req.text)
-        max_chars = self.config.max_text_chars
-        # split_text packs sentences greedily up to the budget, so a short text stays one
-        # piece: "auto" and true behave the same (true is the old API's `longprompt`).
-        # short_first: a text of several pieces starts with its first sentence alone, so its first
-        # audio comes after one sentence's work (costs one more, shorter piece).
-        texts = [req.text] if req.long is False else frontend.split_text(req.text, language, budget=budget,
-                                                                         short_first=True)
-        pieces: list[Piece] = []
-        empty: VallexError | None = None
-        for piece_text in texts:
-            try:
-                ph = frontend.phonemize(piece_text, language, max_chars=max_chars)
-            except InvalidArgument as exc:
-                if exc.reason != "EMPTY_TEXT":
-                    raise
-                empty = exc  # a piece of punctuation only: nothing to say, skip it
-                continue
-            pieces.append((ph.ids, frontend.token_languages(ph, req.accent)))
-        if not pieces:
-            raise empty or InvalidArgument("text is empty", reason="EMPTY_TEXT", details={"field": "text"})
-        return pieces
 
     async def _result(self, req: SynthesisRequest, key: str, data: bytes | None, path: Path | None,
                       seconds: float, *, cached: bool, pieces: int, started: float,

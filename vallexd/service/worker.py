@@ -315,7 +315,10 @@ class ModelWorker:
         """The scheduling loop: admit at step boundaries, one batched step, finish what ended."""
         from vallexd.inference.scheduler import Scheduler
 
-        sched = Scheduler(self.engine, self.max_batch)
+        # The engine of this loop: after a fatal accelerator error the loop thread sets
+        # self.engine to None while this thread may still be finishing the failed batch.
+        engine = self.engine
+        sched = Scheduler(engine, self.max_batch)
         while True:
             with self._cv:
                 while sched.idle and not self._waiting and not self._stopping:
@@ -336,7 +339,7 @@ class ModelWorker:
                 if err is None:
                     log.exception("batch step failed")
                 ended = sched.fail_all(err or exc)
-                sched = Scheduler(self.engine, self.max_batch)
+                sched = Scheduler(engine, self.max_batch)
             self.busy_s += time.monotonic() - started
             self._rows = sched.batch_size
             for req in ended:
