@@ -38,8 +38,8 @@ class DaemonUnreachable(VallexError):
 
 
 START_HINT = (
-    "is it running? start it with `systemctl start vallexd` (or `systemctl --user start vallexd`), "
-    "`vallexd`, or `vallexctl quickstart`"
+    "is it running? start it with `vallexctl daemon start` (--demo for the demo weights), "
+    "`vallexctl quickstart`, `systemctl start vallexd` (or `systemctl --user start vallexd`), or `vallexd`"
 )
 
 

@@ -9,7 +9,9 @@ import subprocess
 from pathlib import Path
 from typing import IO, Any
 
-from vallexd.audio.formats import FORMATS
+import click
+
+from vallexd.audio.formats import EXTENSIONS, FORMATS
 from vallexd.constants import SAMPLE_RATE
 from vallexd.errors import NotFound, ProtocolError
 
@@ -28,12 +30,12 @@ STREAM_PLAYERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
 
 
 def infer_format(output: Path | None, fmt: str | None) -> str:
-    """--format if given, else from -o's extension, else wav."""
-    if fmt is not None:
-        return fmt
-    if output is not None:
-        return FORMAT_BY_EXTENSION.get(output.suffix.lower(), "wav")
-    return "wav"
+    """--format if given, else from -o's extension, else wav; a clash of the two is a usage error."""
+    by_name = FORMAT_BY_EXTENSION.get(output.suffix.lower()) if output is not None else None
+    if fmt is not None and by_name is not None and by_name != fmt:
+        raise click.UsageError(f"-o {output.name} names {by_name} audio but --format is {fmt}; "
+                               f"drop --format or name the file .{EXTENSIONS[fmt]}")
+    return fmt or by_name or "wav"
 
 
 def find_stream_player(fmt: str | None) -> tuple[list[str], str]:
