@@ -278,18 +278,28 @@ def validate_synthesize(params: Any, *, max_text_chars: int) -> SynthesisRequest
     )
 
 
+def required_name(p: dict[str, Any]) -> str:
+    """p["name"], present and a valid preset name (NFC): InvalidArgument MISSING_FIELD / BAD_NAME."""
+    if "name" not in p:
+        raise InvalidArgument("name is required", reason="MISSING_FIELD", details={"field": "name"})
+    return validate_name(p["name"])
+
+
+def required_bytes(p: dict[str, Any], field: str, expected: str) -> bytes:
+    """p[field], present and binary: InvalidArgument MISSING_FIELD / BAD_TYPE naming `expected`."""
+    value = p.get(field)
+    if value is None:
+        raise InvalidArgument(f"{field} is required", reason="MISSING_FIELD", details={"field": field})
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise _bad_type(field, expected, value)
+    return bytes(value)
+
+
 def validate_install(params: Any, *, max_bytes: int) -> InstallRequest:
     """`presets.install` params: a valid name, `data` bytes of at most `max_bytes`, `overwrite`."""
     p = _params(params, ("name", "data", "overwrite"))
-    if "name" not in p:
-        raise InvalidArgument("name is required", reason="MISSING_FIELD", details={"field": "name"})
-    name = validate_name(p["name"])
-    data = p.get("data")
-    if data is None:
-        raise InvalidArgument("data is required", reason="MISSING_FIELD", details={"field": "data"})
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise _bad_type("data", "binary (.npz bytes)", data)
-    data = bytes(data)
+    name = required_name(p)
+    data = required_bytes(p, "data", "binary (.npz bytes)")
     if len(data) > max_bytes:
         raise TooLarge(f"preset upload of {len(data)} bytes exceeds the limit of {max_bytes} bytes",
                        reason="UPLOAD_TOO_LARGE", details={"field": "data", "limit": max_bytes})

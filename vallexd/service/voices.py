@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from vallexd.config import Config
 from vallexd.constants import LANGUAGES, MAX_PROMPT_SECONDS
 from vallexd.errors import AlreadyExists, Busy, InvalidArgument, NotFound, TooLarge
-from vallexd.service.requests import _bad_type, _bool, _params, validate_name, validate_text
+from vallexd.service.requests import _bad_type, _bool, _params, required_bytes, required_name, validate_text
 from vallexd.storage.presets import PresetStore
 from vallexd.voices import maker
 from vallexd.voices.audio import Recording, decode_audio
@@ -56,14 +56,8 @@ class CreateRequest:
 def validate_create(params: Any, *, max_audio_bytes: int, max_text_chars: int) -> CreateRequest:
     """Check presets.create params; InvalidArgument / TooLarge (AUDIO_TOO_LARGE) name the field."""
     p = _params(params, CREATE_FIELDS)
-    if "name" not in p:
-        raise InvalidArgument("name is required", reason="MISSING_FIELD", details={"field": "name"})
-    name = validate_name(p["name"])
-    audio = p.get("audio")
-    if audio is None:
-        raise InvalidArgument("audio is required", reason="MISSING_FIELD", details={"field": "audio"})
-    if not isinstance(audio, (bytes, bytearray, memoryview)):
-        raise _bad_type("audio", "binary (the bytes of an audio file)", audio)
+    name = required_name(p)
+    audio = required_bytes(p, "audio", "binary (the bytes of an audio file)")
     if len(audio) > max_audio_bytes:
         raise audio_too_large(len(audio), max_audio_bytes)
     transcript = p.get("transcript")
