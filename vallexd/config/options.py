@@ -311,6 +311,23 @@ OPTIONS: tuple[Option, ...] = (
            "voice name of /v1/audio/speech that speaks with a preset, NAME=PRESET; repeat for several; "
            "added to the built-in table of OpenAI's voice names (TOML: a [voice_aliases] table; "
            "env: comma-separated)", "map", flag="--voice-alias", metavar="NAME=PRESET"),
+    # vallexd-ray only (the daemon accepts and ignores them, so one file serves both).
+    Option("ray_address", "ray_address", _optional(_string),
+           "vallexd-ray: Ray cluster to join (auto, or HOST:PORT of `ray start --head`); unset starts a "
+           "local Ray instance", metavar="ADDRESS"),
+    Option("ray_replicas", "ray_replicas", _positive_int,
+           "vallexd-ray: model replicas (each loads the whole model) when autoscaling is off", metavar="N"),
+    Option("ray_replica_cpus", "ray_replica_cpus", _positive_float,
+           "vallexd-ray: CPUs each replica reserves (fractions allowed)", metavar="CPUS"),
+    Option("ray_replica_gpus", "ray_replica_gpus", _non_negative_float,
+           "vallexd-ray: GPUs each replica reserves (1 = one GPU each; 0.5 = two replicas per GPU)",
+           metavar="GPUS"),
+    Option("ray_min_replicas", "ray_min_replicas", _optional(_non_negative_int),
+           "vallexd-ray: with ray_max_replicas, autoscale between these counts", metavar="N"),
+    Option("ray_max_replicas", "ray_max_replicas", _optional(_positive_int),
+           "vallexd-ray: with ray_min_replicas, autoscale between these counts", metavar="N"),
+    Option("ray_target_ongoing", "ray_target_ongoing", _positive_float,
+           "vallexd-ray: autoscaling aims at this many requests in progress per replica", metavar="N"),
 )
 _BY_KEY = {opt.key: opt for opt in OPTIONS}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -328,9 +345,9 @@ def _help(opt: Option) -> str:
     return f"{opt.help} (default: {default})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "vallexd") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vallexd",
+        prog=prog,
         description="Local speech-synthesis daemon for the VALL-E X zero-shot TTS model.",
         epilog=(
             "Every option can also be set in the TOML file given by --config (key = the flag name with "
@@ -437,10 +454,12 @@ def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
     return warnings
 
 
-def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Build the Config once: defaults < TOML < VALLEXD_* environment < flags."""
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                prog: str = "vallexd") -> Config:
+    """Build the Config once: defaults < TOML < VALLEXD_* environment < flags (`prog`: the command
+    named in --help and usage errors)."""
     env = os.environ if environ is None else environ
-    args = vars(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
+    args = vars(build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv)))
     cwd = Path.cwd()
     paths = default_paths(env)
     values: dict[str, Any] = {

@@ -73,6 +73,14 @@ class Config:
     # OpenAI voice name -> preset, for /v1/audio/speech (the defaults merged with the configured ones).
     voice_aliases: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_VOICE_ALIASES))
     max_connections_per_uid: int = 0  # socket connections one peer uid may hold; 0 = half of max_connections
+    # Replicas on Ray Serve (`vallexd-ray`, vallexd.serve): read by it only; the daemon ignores them.
+    ray_address: str | None = None  # an existing cluster ("auto", "HOST:6379"); None = start a local one
+    ray_replicas: int = 1  # replicas when autoscaling is off
+    ray_replica_cpus: float = 1.0  # CPUs each replica reserves (fractions allowed)
+    ray_replica_gpus: float = 0.0  # GPUs each replica reserves (1 = one GPU per replica)
+    ray_min_replicas: int | None = None  # set with ray_max_replicas to autoscale
+    ray_max_replicas: int | None = None
+    ray_target_ongoing: float = 2.0  # autoscaling: requests in progress per replica to aim for
 
     @property
     def presets_install_dir(self) -> Path:

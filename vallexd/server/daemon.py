@@ -208,10 +208,7 @@ class Daemon:
         if cfg.http_port is None:
             return
         try:
-            self.http = HttpApi(self.service, host=cfg.http_host, port=cfg.http_port,
-                                token=cfg.http_token, cors_origins=cfg.http_cors_origins,
-                                max_body=cfg.http_max_body, max_audio_bytes=cfg.max_audio_bytes,
-                                voice_aliases=cfg.voice_aliases)
+            self.http = HttpApi.from_config(self.service, cfg)
             self.http.use_metrics(self.metrics)
             await self.http.start()
         except VallexError as exc:

@@ -23,7 +23,6 @@ This module is the one place where exceptions become HTTP errors.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import json
@@ -51,8 +50,21 @@ from vallexd.protocol import MAX_NESTING, nesting_depth
 from vallexd.server import voices_api
 from vallexd.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vallexd.server.metrics import Metrics
-from vallexd.server.openai_api import OpenAIApi, is_openai_path, openai_error_response, write_audio_stream
-from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
+from vallexd.server.openai_api import (
+    REPLICA_HEADER,
+    OpenAIApi,
+    is_openai_path,
+    openai_error_response,
+    write_audio_stream,
+)
+from vallexd.server.transport import (
+    DrainGate,
+    ServiceLike,
+    log_safe,
+    outcome,
+    synthesize_cancellable,
+    to_wire_error,
+)
 from vallexd.service.result import SynthesisResult
 
 log = logging.getLogger("vallexd.http")
@@ -185,6 +197,13 @@ class HttpApi:
         self._runner: web.AppRunner | None = None
         self.gate = DrainGate()
         self.metrics: Metrics | None = None
+
+    @classmethod
+    def from_config(cls, service: ServiceLike, config: Config) -> HttpApi:
+        """The HTTP API as `config` sets it up (http_host, http_port, token, CORS, limits, aliases)."""
+        return cls(service, host=config.http_host, port=config.http_port or 0, token=config.http_token,
+                   cors_origins=config.http_cors_origins, max_body=config.http_max_body,
+                   max_audio_bytes=config.max_audio_bytes, voice_aliases=config.voice_aliases)
 
     def use_metrics(self, metrics: Metrics) -> None:
         """Serve `metrics` at /metrics and count every request ("METHOD /route"; others "other")."""
@@ -348,21 +367,9 @@ class HttpApi:
                                   reason="BAD_JSON", details={"limit": MAX_NESTING})
         return body
 
-    async def _synthesize(self, request: web.Request, params: dict[str, Any]) -> SynthesisResult:
-        """Run a synthesis; if the client disconnects, tell the service so it drops the job."""
-        cancelled = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(
-            self.service.synthesize(params, cancelled=cancelled))
-        task.add_done_callback(_consume_result)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
     async def generate(self, request: web.Request) -> web.Response:
         params = map_old_request(await self._json_body(request))
-        result = await self._synthesize(request, params)
+        result = await synthesize_cancellable(self.service, params)
         return web.json_response(old_api_body(200, url=result.url), headers=result_headers(result))
 
     async def synthesize(self, request: web.Request) -> web.Response:
@@ -374,7 +381,7 @@ class HttpApi:
                                   reason="BAD_VALUE", details={"field": "progress"})
         if params.get("stream") is True:
             return await write_audio_stream(self, request, self.service.synthesize_stream(params), {})
-        result = await self._synthesize(request, params)
+        result = await synthesize_cancellable(self.service, params)
         headers = result_headers(result)
         if result.audio is not None:
             headers["Content-Type"] = CONTENT_TYPES[result.format]
@@ -405,19 +412,14 @@ class HttpApi:
 
 
 def result_headers(result: SynthesisResult) -> dict[str, str]:
-    return {
+    headers = {
         "X-Vallexd-Cache": "hit" if result.cached else "miss",
         "X-Vallexd-Cache-Key": result.cache_key,
         "X-Vallexd-Duration": f"{result.duration_s:.3f}",
     }
-
-
-def _consume_result(task: asyncio.Task[Any]) -> None:
-    # An abandoned synthesis still finishes (or is cancelled); read its outcome so asyncio
-    # does not warn about an exception that was never retrieved.
-    if not task.cancelled():
-        with contextlib.suppress(BaseException):
-            task.exception()
+    if result.replica is not None:
+        headers[REPLICA_HEADER] = result.replica
+    return headers
 
 
 def _from_http_exception(exc: web.HTTPException) -> VallexError:

@@ -28,11 +28,14 @@ from aiohttp import web
 from vallexd.audio.formats import CONTENT_TYPES
 from vallexd.constants import HOP
 from vallexd.errors import InvalidArgument, NotFound, VallexError
-from vallexd.server.transport import to_openai_error, to_wire_error
-from vallexd.service.stream import EncodedChunk, SynthesisStream
+from vallexd.server.transport import synthesize_cancellable, to_openai_error, to_wire_error
+from vallexd.service.stream import AudioStream, EncodedChunk
 
 if TYPE_CHECKING:
     from vallexd.server.http_api import HttpApi
+
+#: The model replica that answered (vallexd.serve); absent from a plain daemon's answers.
+REPLICA_HEADER = "X-Vallexd-Replica"
 
 log = logging.getLogger("vallexd.http")
 
@@ -145,7 +148,7 @@ class OpenAIApi:
         if stream_format is None:
             from vallexd.server.http_api import result_headers  # (http_api imports this module)
 
-            result = await self.http._synthesize(request, params)
+            result = await synthesize_cancellable(self.http.service, params)
             headers.update(result_headers(result))
             headers["Content-Type"] = CONTENT_TYPES[result.format]
             return web.Response(body=result.audio, headers=headers)
@@ -172,7 +175,7 @@ class OpenAIApi:
 
 @contextlib.asynccontextmanager
 async def _started(
-        stream: SynthesisStream) -> AsyncIterator[tuple[EncodedChunk, AsyncIterator[EncodedChunk]]]:
+        stream: AudioStream) -> AsyncIterator[tuple[EncodedChunk, AsyncIterator[EncodedChunk]]]:
     """Enter the stream and wait for its first chunk, so that an error before any audio (unknown
     voice, queue full...) still becomes a plain HTTP error with its status."""
     async with stream:
@@ -184,7 +187,10 @@ async def _started(
             await chunks.aclose()  # type: ignore[attr-defined]
 
 
-async def _prepare(http: HttpApi, request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+async def _prepare(http: HttpApi, request: web.Request, headers: dict[str, str],
+                   stream: AudioStream) -> web.StreamResponse:
+    if stream.replica is not None:  # known once the first chunk came (vallexd.serve)
+        headers = {**headers, REPLICA_HEADER: stream.replica}
     response = web.StreamResponse(headers=headers)
     response.enable_chunked_encoding()
     http._cors(request, response)  # headers go out now, not after the handler returns
@@ -197,12 +203,12 @@ def _gone(request: web.Request, response: web.StreamResponse) -> web.StreamRespo
     return response
 
 
-async def write_audio_stream(http: HttpApi, request: web.Request, stream: SynthesisStream,
+async def write_audio_stream(http: HttpApi, request: web.Request, stream: AudioStream,
                              headers: dict[str, str]) -> web.StreamResponse:
     """Chunked audio: the first bytes go out as soon as the first piece is encoded."""
     headers = {**headers, "Content-Type": CONTENT_TYPES[stream.request.format], "X-Vallexd-Stream": "audio"}
     async with _started(stream) as (first, chunks):
-        response = await _prepare(http, request, headers)
+        response = await _prepare(http, request, headers, stream)
         try:
             await response.write(first.data)
             async for chunk in chunks:
@@ -223,14 +229,14 @@ async def write_audio_stream(http: HttpApi, request: web.Request, stream: Synthe
     return response
 
 
-async def write_sse(http: HttpApi, request: web.Request, stream: SynthesisStream,
+async def write_sse(http: HttpApi, request: web.Request, stream: AudioStream,
                     headers: dict[str, str]) -> web.StreamResponse:
     """OpenAI's server-sent events: speech.audio.delta (base64 audio) ..., then speech.audio.done."""
     headers = {**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Vallexd-Audio-Format": stream.request.format}
     samples = 0
     async with _started(stream) as (first, chunks):
-        response = await _prepare(http, request, headers)
+        response = await _prepare(http, request, headers, stream)
         try:
             chunk: EncodedChunk | None = first
             while chunk is not None:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from vallexd.errors import Internal, VallexError
 from vallexd.service.result import SynthesisResult
-from vallexd.service.stream import SynthesisStream
+from vallexd.service.stream import AudioStream
 
 log = logging.getLogger("vallexd.server")
 
@@ -23,7 +23,7 @@ class ServiceLike(Protocol):
     async def synthesize(self, params: dict[str, Any], *, progress: Any = None,
                          cancelled: asyncio.Event | None = None, on_audio: Any = None) -> SynthesisResult: ...
     def synthesize_stream(self, params: dict[str, Any], *, progress: Any = None,
-                          cancelled: asyncio.Event | None = None) -> SynthesisStream: ...
+                          cancelled: asyncio.Event | None = None) -> AudioStream: ...
     async def status(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
     async def presets_list(self) -> dict[str, Any]: ...
@@ -62,6 +62,28 @@ class DrainGate:
         except asyncio.TimeoutError:
             return False
         return True
+
+
+async def synthesize_cancellable(service: ServiceLike, params: dict[str, Any]) -> SynthesisResult:
+    """`service.synthesize(params)`; if the caller is cancelled (an HTTP client hung up, a Ray
+    request was cancelled), the service is told through its `cancelled` event, so the job leaves
+    the queue or stops at the next AR step instead of running for nobody."""
+    cancelled = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(service.synthesize(params, cancelled=cancelled))
+    task.add_done_callback(consume_outcome)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
+def consume_outcome(task: asyncio.Future[Any]) -> None:
+    # An abandoned synthesis still finishes (or is cancelled); read its outcome so asyncio
+    # does not warn about an exception that was never retrieved.
+    if not task.cancelled():
+        with contextlib.suppress(BaseException):
+            task.exception()
 
 
 def to_wire_error(exc: BaseException, context: str) -> VallexError:

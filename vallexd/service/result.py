@@ -14,7 +14,8 @@ class SynthesisResult:
     audio: the bytes in `format` (None for `return: path` or a streamed result); path: the cache
     file, always WAV (None when the cache could not be written); url: that file on the static server
     (None when it is off); duration_s: seconds of the delivered audio (after a speed change);
-    pieces: model runs (0 for a cache hit); timings: milliseconds per stage, for the log.
+    pieces: model runs (0 for a cache hit); timings: milliseconds per stage, for the log;
+    replica: which model replica answered (vallexd.serve only; an HTTP header, not in the wire map).
     """
 
     cache_key: str
@@ -27,6 +28,7 @@ class SynthesisResult:
     audio: bytes | None = None
     format: str = "wav"  # of `audio` (the cached file at `path` is always WAV)
     timings: dict[str, float] = field(default_factory=dict)
+    replica: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The `synthesize` result map of docs/protocol.md (bytes stay bytes: msgpack bin)."""

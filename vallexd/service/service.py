@@ -42,21 +42,15 @@ from vallexd.constants import SAMPLE_RATE
 from vallexd.errors import Busy, Internal, InvalidArgument, Timeout, Unavailable, VallexError
 from vallexd.protocol import PROTOCOL_VERSION
 from vallexd.service.coalesce import Coalescer, Run
-from vallexd.service.requests import (
-    SynthesisRequest,
-    validate_empty,
-    validate_install,
-    validate_prune,
-    validate_remove,
-    validate_synthesize,
-)
+from vallexd.service.requests import SynthesisRequest, validate_empty, validate_synthesize
 from vallexd.service.result import SynthesisResult
+from vallexd.service.storage_api import StorageApi
 from vallexd.service.stream import SynthesisStream
 from vallexd.service.text_stage import TextStage, long_mode, model_input_digest, warm_text
 from vallexd.service.voices import VoiceMaker
 from vallexd.service.worker import AudioFn, ModelWorker, default_loader
-from vallexd.storage.cache import ResultCache, cache_key, relative_url_path
-from vallexd.storage.presets import Preset, PresetStore
+from vallexd.storage.cache import cache_key, relative_url_path
+from vallexd.storage.presets import Preset
 from vallexd.storage.wav import duration_s, wav_bytes, wav_duration_s
 from vallexd.types import Piece, Sampling
 
@@ -123,13 +117,15 @@ def _raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
         raise Timeout("request cancelled: the client went away", reason="CANCELLED")
 
 
-class Service:
-    def __init__(self, config: Config, *, worker: ModelWorker | None = None, warm_up: bool = True) -> None:
+class Service(StorageApi):
+    """The model's requests (synthesize, presets.create, status) over StorageApi's presets and cache."""
+
+    def __init__(self, config: Config, *, worker: ModelWorker | None = None, warm_up: bool = True,
+                 shared: bool = False) -> None:
         """`worker` replaces the model worker built from `config` (tests pass one on tiny weights);
-        `warm_up` loads the text front end's dictionaries in the background at start."""
-        self.config = config
-        self.cache = ResultCache(config.cache_dir)
-        self.presets = PresetStore(config.presets_dirs, max_bytes=config.max_upload_bytes)
+        `warm_up` loads the text front end's dictionaries in the background at start; `shared`: other
+        processes use the same cache and presets folders (Ray replicas; see storage_api.py)."""
+        super().__init__(config, shared=shared)
         if worker is None:
             if config.checkpoint is None or config.vocos_dir is None:
                 raise InvalidArgument("no model configured: set checkpoint and vocos", reason="BAD_CONFIG")
@@ -267,6 +263,8 @@ class Service:
         self._check_accepting()
         _raise_if_cancelled(cancelled)
         req = self.text.normalised(validate_synthesize(params, max_text_chars=self.config.max_text_chars))
+        if req.voice is not None:
+            await self.refresh_presets()
         preset = self.presets.get(req.voice) if req.voice is not None else None
         text_key = self.text.digest(req)
         known = self.text.known(text_key)
@@ -550,47 +548,14 @@ class Service:
         }
 
     # ------------------------------------------------------------------ presets
-    async def presets_list(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """{"presets": [{"name", "language", "frames", "seconds", ...}]}, sorted by name."""
-        validate_empty(params)
-        return {"presets": self.presets.listing()}
-
-    async def presets_install(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Install `data` (.npz bytes) as preset `name`: InvalidArgument(BAD_PROMPT, BAD_NAME),
-        TooLarge (over max_upload_bytes), AlreadyExists unless `overwrite`."""
-        req = validate_install(params, max_bytes=self.config.max_upload_bytes)
-        preset = await asyncio.to_thread(self.presets.install, req.name, req.data, overwrite=req.overwrite)
-        return {"name": preset.name, "language": preset.prompt.language, "frames": preset.prompt.num_frames}
-
     async def presets_create(self, params: dict[str, Any]) -> dict[str, Any]:
         """A voice from a recording (vallexd.service.voices): its presets.list entry + transcript."""
         self._check_accepting()
         self._active += 1  # drain waits for it like for a synthesis
         try:
+            await self.refresh_presets()
             return await self.voices.create(params)
         finally:
             self._active -= 1
             if not self._active:
                 self._quiet.set()
-
-    async def presets_remove(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Remove an installed preset: NotFound if it is not in the install folder."""
-        name = validate_remove(params)
-        await asyncio.to_thread(self.presets.remove, name)
-        return {"name": name, "removed": True}
-
-    async def rescan_presets(self) -> None:
-        """SIGHUP: re-read the presets folders (files added or removed by hand)."""
-        await asyncio.to_thread(self.presets.rescan)
-
-    # ------------------------------------------------------------------ cache
-    async def cache_stats(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """{"files", "bytes"} of the cached WAVs."""
-        validate_empty(params)
-        return await asyncio.to_thread(self.cache.stats)
-
-    async def cache_prune(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Remove entries older than `max_age_s` (seconds), then the oldest until the cache is at
-        most `max_bytes`; `dry_run` only counts. Returns removed/freed/remaining counts."""
-        req = validate_prune(params)
-        return await asyncio.to_thread(self.cache.prune, req.max_age_s, req.max_bytes, req.dry_run)

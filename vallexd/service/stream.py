@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -44,6 +44,20 @@ class EncodedChunk:
     last: bool = False
 
 
+class AudioStream(Protocol):
+    """What the transports iterate: `SynthesisStream` in the daemon, `serve.ingress.RemoteStream`
+    over a Ray replica. `replica` names the replica once the first chunk came (else None)."""
+
+    request: SynthesisRequest
+    result: SynthesisResult | None
+    replica: str | None
+
+    async def __aenter__(self) -> AudioStream: ...
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+    def chunks(self) -> AsyncIterator[EncodedChunk]: ...
+
+
 class SynthesisStream:
     """Iterate one synthesis' audio as it is made; see the module docstring.
 
@@ -58,6 +72,7 @@ class SynthesisStream:
         self.sample_rate = sample_rate
         self.cancelled = cancelled if cancelled is not None else asyncio.Event()
         self.result: SynthesisResult | None = None
+        self.replica: str | None = None
         self._service = service
         self._params = params
         self._progress = progress

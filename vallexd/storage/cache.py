@@ -9,7 +9,10 @@ write.  The static file server child serves exactly this layout read-only.
 
 Writes are atomic: a temp file in the same folder, fsync, `os.replace`, fsync
 of the folder.  A crash leaves at most a `.tmp-*.part` file, which is swept
-when the cache is opened at daemon start (one daemon per cache: the lock file).
+when the cache is opened at daemon start (one daemon per cache: the lock file).  Replicas that
+share one cache folder (vallexd.serve) open it with `shared=True`: a sweep then spares temp files
+younger than an hour, which may be another replica's write in progress; two replicas writing the
+same key each rename a complete file over it, so the entry is always whole.
 
 "Last used" = the newer of atime and mtime; a hit refreshes both explicitly
 because many mounts use noatime/relatime.  `prune` removes least recently used
@@ -86,6 +89,10 @@ def atomic_write(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
     fsutil.atomic_write(path, data, mode=mode, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
 
 
+def _is_temp(name: str) -> bool:
+    return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)
+
+
 @dataclass(frozen=True)
 class Entry:
     path: Path
@@ -96,8 +103,9 @@ class Entry:
 class ResultCache:
     """The WAV cache under one folder. Methods are blocking (call them off the event loop)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, shared: bool = False) -> None:
         self.root = Path(root)
+        self.shared = shared
         self.root.mkdir(parents=True, exist_ok=True)
         self.sweep_leftovers()
 
@@ -118,17 +126,11 @@ class ResultCache:
             return []
 
     def sweep_leftovers(self) -> int:
-        """Remove temp files a crash left behind; returns how many. Only at start (we own the dir)."""
-        removed = 0
-        for folder in [self.root, *self._shards()]:
-            with os.scandir(folder) as it:
-                leftovers = [
-                    e.path for e in it if e.name.startswith(TMP_PREFIX) and e.name.endswith(TMP_SUFFIX)
-                ]
-            for leftover in leftovers:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-                    removed += 1
+        """Remove temp files a crash left behind; returns how many. Only at start (we own the dir,
+        or with `shared`, only old ones: see the module docstring)."""
+        age = fsutil.SHARED_LEFTOVER_AGE_S if self.shared else 0.0
+        removed = sum(fsutil.sweep_temp_files(folder, _is_temp, older_than_s=age)
+                      for folder in [self.root, *self._shards()])
         if removed:
             log.info("cache: swept %d leftover temp file(s) in %s", removed, self.root)
         return removed

@@ -15,11 +15,40 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 _CHUNK = 1 << 20
+
+
+#: A temp file younger than this may be another process's write in progress (replicas sharing a
+#: folder): a sweep leaves it alone. Far longer than any write takes (a WAV or a prompt: seconds).
+SHARED_LEFTOVER_AGE_S = 3600.0
+
+
+def sweep_temp_files(folder: Path, is_temp: Callable[[str], bool], *, older_than_s: float = 0.0) -> int:
+    """Remove the files in `folder` whose names `is_temp` accepts and that were last modified more
+    than `older_than_s` seconds ago (0: all of them); returns how many. A missing folder is empty.
+
+    Sole owners of a folder sweep everything at start; processes sharing one (Ray replicas on a
+    shared cache) pass SHARED_LEFTOVER_AGE_S so they never delete a write in progress elsewhere.
+    """
+    cutoff = time.time() - older_than_s
+    try:
+        with os.scandir(folder) as it:
+            leftovers = [e.path for e in it if is_temp(e.name)]
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for leftover in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            if older_than_s and os.stat(leftover).st_mtime > cutoff:
+                continue
+            os.unlink(leftover)
+            removed += 1
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

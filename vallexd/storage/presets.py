@@ -28,7 +28,7 @@ from vallexd.errors import AlreadyExists, NotFound, PermissionDenied, TooLarge, 
 from vallexd.service.requests import is_valid_name, validate_name
 from vallexd.storage import prompts
 from vallexd.storage.cache import os_error
-from vallexd.storage.fsutil import atomic_write, fsync_dir
+from vallexd.storage.fsutil import SHARED_LEFTOVER_AGE_S, atomic_write, fsync_dir, sweep_temp_files
 from vallexd.voices.audio import KEPT_AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,21 @@ def _stem_name(path: Path) -> str:
     return unicodedata.normalize("NFC", path.name[: -len(SUFFIX)])
 
 
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 class PresetStore:
-    def __init__(self, dirs: Sequence[Path], *, max_bytes: int) -> None:
+    def __init__(self, dirs: Sequence[Path], *, max_bytes: int, shared: bool = False) -> None:
+        """`shared`: other processes write these folders too (Ray replicas): sweeps spare young temp
+        files, and `refresh` notices their installs and removals."""
         if not dirs:
             raise ValueError("at least one presets folder is needed")
         self.dirs = tuple(Path(d) for d in dirs)
         self.max_bytes = max_bytes
+        self.shared = shared
         self._index: dict[str, Preset] = {}
+        self._seen: tuple[int | None, ...] = ()  # the folders' mtimes when the index was built
         self._lock = threading.Lock()  # serialises install/remove/rescan against each other
         self.skipped: list[str] = []
 
@@ -113,6 +121,7 @@ class PresetStore:
         """Rebuild the index from disk; returns the number of presets. Also sweeps temp leftovers."""
         with self._lock:
             self._sweep_leftovers()
+            self._seen = self._folder_stamps()
             self.skipped = []
             index: dict[str, Preset] = {}
             for folder in self.dirs:
@@ -127,17 +136,29 @@ class PresetStore:
             log.info("presets: %d loaded from %s", len(index), ", ".join(map(str, self.dirs)))
             return len(index)
 
+    def refresh(self) -> bool:
+        """Rescan if a folder changed since the index was built (an install, removal or rename by
+        another process changes the folder's mtime); True if it rescanned. One stat per folder."""
+        if self._folder_stamps() == self._seen:
+            return False
+        self.rescan()
+        return True
+
+    def _folder_stamps(self) -> tuple[int | None, ...]:
+        stamps = []
+        for folder in self.dirs:
+            try:
+                stamps.append(os.stat(folder).st_mtime_ns)
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
     def _sweep_leftovers(self) -> None:
         """Remove temp files a crash in `fsutil.atomic_write` (via `save_prompt`) left in the install dir."""
-        try:
-            with os.scandir(self.install_dir) as it:
-                leftovers = [e.path for e in it if e.name.startswith(".") and e.name.endswith(".tmp")]
-        except FileNotFoundError:
-            return
-        for leftover in leftovers:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-                log.info("presets: removed leftover temp file %s", leftover)
+        removed = sweep_temp_files(self.install_dir, _is_temp,
+                                   older_than_s=SHARED_LEFTOVER_AGE_S if self.shared else 0.0)
+        if removed:
+            log.info("presets: removed %d leftover temp file(s) in %s", removed, self.install_dir)
 
     def __len__(self) -> int:
         return len(self._index)
