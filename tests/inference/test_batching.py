@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the imported fixtures `engine` and `prompt` are test parameters by name)
 """Continuous batching gives every row the numbers it would get alone.
 
 Rows of different text lengths, prompt lengths (including none) and languages share one batch,
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE, require_shared
+from shared_fixtures import engine, prompt  # noqa: F401
 
 from vallexd.errors import Timeout
 from vallexd.inference.batch import ArBatch, ArRow
@@ -121,17 +123,6 @@ def test_cancelling_one_row_leaves_the_others_alone(reference: Any) -> None:
 
 
 # ---------------------------------------------------------------- whole requests (Engine + Scheduler)
-
-@pytest.fixture(scope="module")
-def engine(tiny_models: Any) -> Engine:
-    return Engine.load(tiny_models.checkpoint, tiny_models.vocos_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompt() -> Prompt:
-    rng = np.random.default_rng(5)
-    return Prompt(rng.integers(0, 1024, (1, 20, 8)), rng.integers(5, 70, (1, 4)), "zh")
-
 
 REQUESTS = [  # (pieces, with prompt?, sampling, long_mode)
     ([([12, 30, 41], "en"), ([7, 55], "en"), ([23, 24, 25, 26], "en")], True, Sampling(seed=11), "fixed"),

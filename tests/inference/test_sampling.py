@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the imported fixtures `engine` and `prompt` are test parameters by name)
 """Sampling: per-request generators, top-k, temperature, the EOS/length rule and cancellation."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from shared_fixtures import engine, prompt  # noqa: F401
 
 from vallexd.errors import InvalidArgument, Timeout
 from vallexd.inference.engine import Engine
@@ -18,17 +20,6 @@ TEXT = [12, 30, 41, 7, 55, 23]  # S = 6 -> at most 96 frames
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_models: Any) -> Engine:
-    return Engine.load(tiny_models.checkpoint, tiny_models.vocos_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompt() -> Prompt:
-    rng = np.random.default_rng(5)
-    return Prompt(rng.integers(0, 1024, (1, 20, 8)), rng.integers(5, 70, (1, 4)), "zh")
 
 
 def _codes(engine: Engine, prompt: Prompt | None, **kw: Any) -> np.ndarray:

@@ -147,7 +147,9 @@ def test_static_child_restarted_after_crash(restarted: DaemonProcess) -> None:
 
 
 def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path, tiny_models) -> None:
-    d = start_daemon(tmp_path / "d", tiny_models)
+    # A grace far above the request's time: on a loaded shared 2-core box the same request measured
+    # 8 s to 64 s, and what is tested is that it finishes, not how fast.
+    d = start_daemon(tmp_path / "d", tiny_models, ["--grace", "240"])
     child = static_child(d)
     # The text front end warms up after the model loads (20-30 s on a busy shared box): a request
     # queued behind that in the text thread can outlast the 30 s grace, which is not what this tests.
@@ -157,9 +159,10 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path, tiny_models) 
     def synthesize() -> None:
         try:
             # Several greedy pieces (16 x S frames each, never an early EOS): long enough that SIGTERM
-            # arrives while it runs, short enough for the grace period on a loaded box.
+            # arrives while it runs.
             outcome["result"] = d.call("synthesize", {"text": "A long goodbye. " * 12, "language": "en",
-                                                      "seed": 4, "top_k": 1, "return": "path"})
+                                                      "seed": 4, "top_k": 1, "return": "path"},
+                                       timeout=250)
         except Exception as exc:  # reported by the assertion below
             outcome["error"] = exc
 
@@ -167,7 +170,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path: Path, tiny_models) 
     worker.start()
     wait_until(lambda: d.call("status")["rpc"]["in_flight"] == 1, 20, "the request to arrive")
     d.signal(signal.SIGTERM)
-    assert d.wait(60) == 0
+    assert d.wait(250) == 0
     worker.join(10)
     assert "error" not in outcome, outcome
     assert outcome["result"]["cached"] is False and Path(outcome["result"]["path"]).is_file()

@@ -245,7 +245,8 @@ class Engine:
         return Request(
             inputs=[(ids, langs) for ids, langs, _, _, _ in checked],
             prompt_ids=enroll,
-            prompt_codes=torch.as_tensor(codes, dtype=torch.long, device=self._device),
+            # torch.tensor copies: a preset's arrays are read-only (as_tensor would warn and share them).
+            prompt_codes=torch.tensor(codes, dtype=torch.long, device=self._device),
             prompt_language=prompt_language,
             top_k=int(sampling.top_k),
             temperature=float(sampling.temperature),
