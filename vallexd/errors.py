@@ -178,8 +178,11 @@ _CLASS_FOR_CODE: dict[ErrorCode, type[VallexError]] = {
 
 def text_too_long(length: int, limit: int) -> TooLarge:
     """The one TEXT_TOO_LONG error (validation and the text front end raise the same keys)."""
-    return TooLarge(f"text has {length} characters; the limit is {limit}", reason="TEXT_TOO_LONG",
+    return TooLarge(f"text has {length} characters; the limit is {limit} (split it, or raise the daemon's "
+                    "max_text_chars: --max-text-chars / VALLEXD_MAX_TEXT_CHARS)", reason="TEXT_TOO_LONG",
                     details={"field": "text", "limit": limit, "length": length})
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel = 2  # a 1000-deep list is shown as [[...]], never recursed into
 _REPR.maxstring = _REPR.maxother = _REPR.maxlong = 40

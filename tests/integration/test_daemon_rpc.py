@@ -117,7 +117,7 @@ async def rpc_server(tmp_path: Path):
 async def test_error_mapping_and_connection_reuse(rpc_server, caplog) -> None:
     _server, _service, path = rpc_server
     c = await AsyncClient.connect(path)
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
     # Unknown method and a bad envelope: typed errors, and the connection stays usable.
     r = await c.call(1, "no.such.method")
     assert (r["id"], r["ok"], r["error"]["code"]) == (1, False, "UNKNOWN_METHOD")
@@ -143,8 +143,11 @@ async def test_error_mapping_and_connection_reuse(rpc_server, caplog) -> None:
     r = await c.call(8, "evil\nINFO forged log line")
     assert r["error"]["code"] == "UNKNOWN_METHOD"
     # One access-log line per request, with the peer's credentials from SO_PEERCRED.
-    lines = [rec.getMessage() for rec in caplog.records if rec.name == "vallexd.access"]
+    records = [rec for rec in caplog.records if rec.name == "vallexd.access"]
+    lines = [rec.getMessage() for rec in records]
     assert len(lines) == 8
+    # A successful ping (a liveness probe, polled) is DEBUG; every other line, failed pings too, INFO.
+    assert [rec.levelno for rec in records] == [logging.INFO] * 6 + [logging.DEBUG, logging.INFO]
     assert f"uid={os.getuid()} pid={os.getpid()}" in lines[6]
     assert "method=presets.list" in lines[5] and "error=INTERNAL" in lines[5]
     assert "\n" not in lines[7] and "evil\\n" in lines[7]  # client text cannot forge log lines

@@ -29,7 +29,7 @@ from vallexctl.output import (
     write_file_atomic,
 )
 from vallexd.audio.formats import EXTENSIONS, FORMATS
-from vallexd.constants import ACCENTS, REQUEST_LANGUAGES
+from vallexd.constants import ACCENTS, MAX_TOP_K, REQUEST_LANGUAGES
 from vallexd.errors import InvalidArgument, NotFound, ProtocolError, Unavailable, VallexError
 from vallexd.storage.fsutil import atomic_open
 
@@ -113,8 +113,9 @@ def call_when_ready(client: Client, method: str, params: dict[str, Any], *,
 @click.option("--fresh", is_flag=True,
               help="A new take: run the model even when the cache has this request (the new WAV "
                    "replaces the cached one).")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Sample from the k likeliest codes; 0 disables top-k.")
+@click.option("--top-k", type=click.IntRange(min=0, max=MAX_TOP_K), default=0, show_default=True,
+              help=f"Sample from the k likeliest codes (at most {MAX_TOP_K}, the codebook size); 0 disables "
+                   "top-k; 1 is greedy.")
 @click.option("--temperature", type=click.FloatRange(0.01, 10), default=1.0, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the audio here (atomically); its extension picks the format.")

@@ -428,5 +428,7 @@ def _from_http_exception(exc: web.HTTPException) -> VallexError:
     if exc.status == 413:
         return TooLarge("request body over the limit", reason="BODY_TOO_LARGE")
     if exc.status == 405:
-        return InvalidArgument(f"method not allowed; {exc.reason}", reason="METHOD_NOT_ALLOWED")
+        allowed = exc.headers.get("Allow", "")
+        return InvalidArgument(f"method not allowed on this route (allowed: {allowed or 'none'})",
+                               reason="METHOD_NOT_ALLOWED", details={"allowed": allowed})
     return InvalidArgument(exc.reason or "bad request", reason="BAD_REQUEST")

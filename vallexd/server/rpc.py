@@ -405,7 +405,11 @@ class RpcServer:
                 and not limiter.allow():
             return  # a client sending bad requests in a loop: its lines are counted, not logged
         cached = result.get("cached") if isinstance(result, dict) else None
-        access_log.info(
+        # A successful ping is a liveness probe (systemd, vallexctl, scripts poll it): DEBUG, or it
+        # floods the journal; a failed one is logged like any request.
+        level = logging.DEBUG if method == "ping" and error is None else logging.INFO
+        access_log.log(
+            level,
             "rpc id=%s method=%s peer %s %.0fms cached=%s %s%s",
             log_safe(request_id), log_safe(method, 64), peer, (time.monotonic() - started) * 1000,
             "-" if cached is None else ("hit" if cached else "miss"), outcome(error),

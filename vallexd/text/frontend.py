@@ -48,7 +48,9 @@ def check_request(text: object, language: object, max_chars: int | None = None) 
         raise text_too_long(len(text), max_chars)
     cleaned = segments.clean_input(text)
     if not cleaned:
-        raise InvalidArgument("text is empty", reason="EMPTY_TEXT")
+        message = "text is empty" if not text.strip() else \
+            "text has nothing speakable once emoji, symbols and control characters are dropped"
+        raise InvalidArgument(message, reason="EMPTY_TEXT", details={"field": "text"})
     return cleaned
 
 
