@@ -22,6 +22,7 @@ from torch import nn
 
 from vallexd.constants import BOS, MODEL_LANGUAGES, NUM_QUANTIZERS, TEXT_VOCAB
 from vallexd.constants import CODEBOOK_SIZE as NUM_CODES
+from vallexd.inference.quantize import ATTR as INT8_ATTR
 
 Device = torch.device | str | None
 
@@ -104,8 +105,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear with mixed precision: inputs cast to the weight's dtype, the result back to float32.
 
     In float32 this is exactly F.linear.  With half weights (`VallEX.set_matmul_dtype`) only the
-    matmul runs in half; the residual stream, norms, softmax and predict layers stay float32.
+    matmul runs in half; the residual stream, norms, softmax and predict layers stay float32.  A
+    weight with an int8 copy (`--quantize`, quantize.py) runs that instead; its bias is packed with it.
     """
+    int8 = weight.__dict__.get(INT8_ATTR)
+    if int8 is not None:
+        return int8(x)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias).float()
