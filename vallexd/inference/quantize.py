@@ -23,13 +23,17 @@ rounding are those of the published model.  See bench/bench_int8.py for the meas
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from vallexd.constants import QUANTIZE_MODES
 from vallexd.errors import InvalidArgument
 from vallexd.inference.devices import cpu_flags
 
-QUANTIZE_MODES = ("none", "nar", "all")
+__all__ = ["QUANTIZE_MODES", "Int8Linear", "check_int8", "cpu_has_vnni", "quantize_mode", "quantize_model",
+           "quantized"]
 #: /proc/cpuinfo flags of int8 dot-product instructions.  Without them fbgemm falls back to
 #: vpmaddubsw, whose int16 intermediate saturates on full-range uint8 x int8 inputs.
 CPU_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -38,8 +42,13 @@ ENGINE = "fbgemm"
 ATTR = "vallex_int8"
 
 
-def check_int8(mode: str, device: torch.device) -> None:
-    """Refuse a mode this machine cannot run fast and correctly.
+def cpu_has_vnni(cpuinfo: str | Path | None = None) -> bool:
+    """True when the CPU has int8 dot products (AVX512_VNNI, AVX_VNNI or AMX-INT8)."""
+    return any(flag in cpu_flags(cpuinfo) for flag in CPU_VNNI_FLAGS)
+
+
+def check_int8(mode: str, device: torch.device, cpuinfo: str | Path | None = None) -> None:
+    """Refuse a mode this machine cannot run fast and correctly (`cpuinfo`: for tests).
 
     Raises InvalidArgument(BAD_QUANTIZE): unknown mode; not the CPU; no VNNI flag; no fbgemm.
     """
@@ -51,7 +60,7 @@ def check_int8(mode: str, device: torch.device) -> None:
     if device.type != "cpu":
         raise InvalidArgument(f"--quantize {mode} runs on the CPU only (fbgemm int8 kernels), not on "
                               f"{device.type}: use --quantize none", reason="BAD_QUANTIZE")
-    if not any(flag in cpu_flags() for flag in CPU_VNNI_FLAGS):
+    if not cpu_has_vnni(cpuinfo):
         raise InvalidArgument(
             f"--quantize {mode} needs int8 dot-product instructions ({' or '.join(CPU_VNNI_FLAGS)} in "
             f"/proc/cpuinfo); this CPU has none: use --quantize none", reason="BAD_QUANTIZE")
