@@ -108,7 +108,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     matmul runs in half; the residual stream, norms, softmax and predict layers stay float32.  A
     weight with an int8 copy (`--quantize`, quantize.py) runs that instead; its bias is packed with it.
     """
-    int8 = weight.__dict__.get(INT8_ATTR)
+    # torch.compile cannot trace the attribute lookup; --compile is refused with --quantize anyway.
+    int8 = None if torch.compiler.is_compiling() else weight.__dict__.get(INT8_ATTR)
     if int8 is not None:
         return int8(x)
     if weight.dtype == x.dtype:
