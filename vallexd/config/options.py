@@ -249,7 +249,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", "dtype", _dtype, "model precision: auto, float32, float16 or bfloat16", metavar="DTYPE"),
     Option("quantize", "quantize", _quantize,
            "int8 weight matmuls on CPUs with VNNI: none, nar (the NAR decoder) or all (both decoders); "
-           "faster, with drift against float32 like bfloat16's (README: Speed)", metavar="MODE"),
+           "faster, with drift against float32 close to bfloat16's (README: Configuration reference)",
+           metavar="MODE"),
     Option("threads", "threads", _non_negative_int,
            "CPU threads for the model; 0 = torch's default (one per core). On a busy or shared machine "
            "1 is often faster: see bench/bench_model.py --threads", metavar="N"),
