@@ -15,7 +15,10 @@ row the length real speech has instead (75 frames/s at 14.3 tokens/s = 5.2 frame
 token, the median of the shared presets) through `vallexd.inference.batch.frame_limit`.
 
 `--quick`: N = 1 and 4, float32 and the fastest dtype the machine supports, shorter texts; no
-compile.  Each configuration runs in its own process (own peak RSS).
+compile.  Each configuration runs in its own process (own peak RSS).  On a CPU with int8
+dot products (VNNI) two more configurations run: int8 weight matmuls in the NAR decoder
+(`--quantize nar`) and in both decoders (`--quantize all`), the rest in the fastest dtype;
+`--no-int8` leaves them out.
 """
 
 from __future__ import annotations
@@ -55,13 +58,14 @@ def cpu_features() -> str:
 
 
 # ------------------------------------------------------------------ the child: one configuration
-def build_engine(dtype: str, compiled: bool, device: str, small: bool = False) -> Any:
+def build_engine(dtype: str, compiled: bool, device: str, small: bool = False, quantize: str = "none") -> Any:
     import torch
 
     from vallexd.inference import batch
     from vallexd.inference.devices import DTYPES
     from vallexd.inference.engine import Engine
     from vallexd.inference.model import ModelConfig, VallEX
+    from vallexd.inference.quantize import check_int8, quantize_model
     from vallexd.inference.vocoder import Vocoder, build_vocos
     from vallexd.tools.tiny_weights import random_encodec, random_vocos_state, vocos_config
 
@@ -71,6 +75,8 @@ def build_engine(dtype: str, compiled: bool, device: str, small: bool = False) -
     model = VallEX(cfg).to(dev).eval().requires_grad_(False)
     if dtype != "float32":
         model.set_matmul_dtype(DTYPES[dtype])
+    check_int8(quantize, dev)
+    quantize_model(model, quantize)
     config = vocos_config(dim=64, intermediate_dim=192, num_layers=1) if small else vocos_config()
     vocos = build_vocos(config)
     vocos.load_state_dict(random_vocos_state(random_encodec(), config), strict=False)
@@ -183,7 +189,7 @@ def child(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = build_engine(args.dtype, args.compile, args.device, args.small)
+    engine = build_engine(args.dtype, args.compile, args.device, args.small, args.quantize)
     rows = asyncio.run(run_config(engine, [int(n) for n in args.n.split(",")], args.quick))
     print(json.dumps(rows))
 
@@ -199,6 +205,8 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--no-int8", action="store_true", help="leave out the int8 (--quantize) rows")
     args = parser.parse_args()
     args.n = args.n or ("1,4" if args.quick else "1,2,4,8")
     if args.child:
@@ -207,36 +215,48 @@ def main() -> None:
 
     import torch
 
+    from vallexd.errors import VallexError
     from vallexd.inference.devices import cpu_has_native_bf16
+    from vallexd.inference.quantize import check_int8
 
     device = torch.device(args.device)
     half_ok = cpu_has_native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
-    configs = [("float32", False)]
+    fastest = "bfloat16" if half_ok else "float32"
+    configs = [("float32", False, "none")]
     if half_ok:
-        configs.append(("bfloat16", False))
+        configs.append(("bfloat16", False, "none"))
     if not args.quick:
-        configs.append(("bfloat16" if half_ok else "float32", True))
+        configs.append((fastest, True, "none"))
+    try:
+        check_int8("all", device)
+        int8_ok = not args.no_int8
+    except VallexError as exc:
+        print(f"# no int8 rows: {exc.message}")
+        int8_ok = False
+    if int8_ok:
+        configs += [(fastest, False, "nar"), (fastest, False, "all")]
     print(f"machine: {cpu_features()}; torch {torch.__version__}; threads {args.threads or 'default'}; "
           f"device {args.device}")
-    results: dict[tuple[str, bool], list[dict[str, Any]]] = {}
-    for dtype, compiled in configs:
+    results: dict[tuple[str, bool, str], list[dict[str, Any]]] = {}
+    for dtype, compiled, quantize in configs:
         cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--n", args.n, "--threads",
-               str(args.threads), "--device", args.device] + (["--quick"] if args.quick else []) + (
-               ["--compile"] if compiled else []) + (["--small"] if args.small else [])
-        print(f"# running {dtype}{' compiled' if compiled else ''} ...", flush=True)
+               str(args.threads), "--device", args.device, "--quantize", quantize] + (
+               ["--quick"] if args.quick else []) + (["--compile"] if compiled else []) + (
+               ["--small"] if args.small else [])
+        print(f"# running {dtype}{' compiled' if compiled else ''} int8={quantize} ...", flush=True)
         # The child's progress lines (stderr) show as it goes; its stdout is the JSON result.
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         if proc.returncode:
-            raise SystemExit(f"configuration {dtype} compile={compiled} failed")
-        results[(dtype, compiled)] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = results[("float32", False)][0]
+            raise SystemExit(f"configuration {dtype} compile={compiled} quantize={quantize} failed")
+        results[(dtype, compiled, quantize)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = results[("float32", False, "none")][0]
     assert base["n"] == 1, "the baseline is serial float32 batch 1 (N must start at 1)"
-    header = (f"{'dtype':9} {'compile':7} {'N':>2} {'audio-s/s':>9} {'thru_x':>6} {'p50 s':>7} {'p50_x':>5} "
-              f"{'p90 s':>7} {'ttfa s':>7} {'ttfa_x':>6} {'ttfa/first':>10} {'RSS MB':>7} "
+    header = (f"{'dtype':9} {'compile':7} {'int8':4} {'N':>2} {'audio-s/s':>9} {'thru_x':>6} {'p50 s':>7} "
+              f"{'p50_x':>5} {'p90 s':>7} {'ttfa s':>7} {'ttfa_x':>6} {'ttfa/first':>10} {'RSS MB':>7} "
               f"{'CPU s/audio s':>13}")
     print(header)
     lines = []
-    for (dtype, compiled), rows in results.items():
+    for (dtype, compiled, quantize), rows in results.items():
         ttfa_row = rows[0]
         for r in rows:
             thru_x = r["throughput"] / base["throughput"]
@@ -244,13 +264,15 @@ def main() -> None:
             ttfa_x = ttfa_row["ttfa"] / base["ttfa"]
             ratio_first = ttfa_row["ttfa"] / ttfa_row["first_alone"]
             flag = "yes" if compiled else "no"
-            print(f"{dtype:9} {flag:7} {r['n']:>2} {r['throughput']:9.3f} {thru_x:6.2f} "
+            print(f"{dtype:9} {flag:7} {quantize:4} {r['n']:>2} {r['throughput']:9.3f} {thru_x:6.2f} "
                   f"{r['p50']:7.1f} {p50_x:5.2f} {r['p90']:7.1f} {ttfa_row['ttfa']:7.1f} {ttfa_x:6.2f} "
                   f"{ratio_first:10.2f} {r['peak_rss_mb']:7.0f} {r.get('cpu_per_audio_s', 0):13.2f}")
             lines.append(f"RESULT n={r['n']} dtype={dtype} compile={'yes' if compiled else 'no'} "
-                         f"throughput_x={thru_x:.2f} latency_p50_x={p50_x:.2f} ttfa_x={ttfa_x:.2f} "
+                         f"quantize={quantize} throughput_x={thru_x:.2f} latency_p50_x={p50_x:.2f} "
+                         f"ttfa_x={ttfa_x:.2f} "
                          f"peak_rss_mb={r['peak_rss_mb']:.0f}")
-    print("(ttfa: 10-sentence text alone, time to its first audio; ttfa/first: that over its first "
+    print("(int8: which decoders run int8 weight matmuls (--quantize); ttfa: 10-sentence text alone, "
+          "time to its first audio; ttfa/first: that over its first "
           "sentence alone; _x: ratio to serial float32 batch 1 of this run; CPU s/audio s: process CPU "
           "time per second of audio made, a load-independent view of the work on a shared machine)")
     for line in lines:

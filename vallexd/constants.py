@@ -41,6 +41,10 @@ MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 10.0
 MAX_TOP_K = CODEBOOK_SIZE  # the AR stage has 1025 classes; k >= that is the same as no top-k
 
+# --------------------------------------------------------------------------- numerics
+#: --quantize: which decoders run int8 weight matmuls (vallexd/inference/quantize.py).
+QUANTIZE_MODES: tuple[str, ...] = ("none", "nar", "all")
+
 # --------------------------------------------------------------------------- model files
 CHECKPOINT_FILE = "vallex-checkpoint.pt"
 VOCOS_DIR = "vocos-encodec-24khz"

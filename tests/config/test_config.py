@@ -90,6 +90,8 @@ def test_value_forms() -> None:
     assert cfg.socket_mode == 0o600 and not cfg.static_enabled and cfg.http_port == 0
     assert cfg.log_level == "DEBUG" and cfg.device == "cuda:1" and cfg.dtype == "bfloat16"
     assert cfg.grace_s == 0.0 and cfg.request_timeout_s == 2.5
+    assert cfg.quantize == "none" and load_config(["--quantize", "NAR"], XDG_ENV).quantize == "nar"
+    assert load_config([], {**XDG_ENV, "VALLEXD_QUANTIZE": "all"}).quantize == "all"
     env = {**XDG_ENV, "VALLEXD_HTTP_PORT": "8081", "VALLEXD_STATIC": "false", "VALLEXD_SOCKET_MODE": "640"}
     cfg = load_config(["--http-port", "off"], env)  # a flag can switch off what env turned on
     assert cfg.http_port is None and not cfg.static_enabled and cfg.socket_mode == 0o640
@@ -101,6 +103,7 @@ BAD_FLAGS = [
     (["--static-port", "abc"], "static_port"),
     (["--device", "tpu"], "device"),
     (["--dtype", "int8"], "dtype"),
+    (["--quantize", "int4"], "quantize"),
     (["--queue-limit", "-1"], "queue_limit"),
     (["--queue-limit", "1.5"], "queue_limit"),
     (["--request-timeout", "0"], "request_timeout"),

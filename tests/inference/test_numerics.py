@@ -126,3 +126,21 @@ def test_native_bf16_detection_reads_cpu_flags(tmp_path: Path) -> None:
     info.write_text("flags\t\t: amx_bf16 amx_tile\n")
     assert cpu_has_native_bf16(str(info))
     assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nar_decoder_tail_is_the_full_run_rows(dtype: torch.dtype) -> None:
+    """`tail` (the NAR reads only the generated frames) computes those rows as a full run does."""
+    torch.manual_seed(3)
+    model = VallEX(ModelConfig(d_model=32, n_heads=4, n_layers=3))
+    if dtype != torch.float32:
+        model.set_matmul_dtype(dtype)
+    x = torch.randn(1, 40, 32)
+    stage = model.nar_stage_embeddings[2].word_embeddings.weight
+    with torch.inference_mode():
+        full = model.nar_decoder(x, stage=stage)
+        for tail in (1, 7, 40):
+            part = model.nar_decoder(x, stage=stage, tail=tail)
+            assert part.shape == (1, tail, 32)
+            # The same rows up to matmul rounding (the GEMM's kernel choice depends on the row count).
+            torch.testing.assert_close(part, full[:, 40 - tail :], rtol=0, atol=1e-5)

@@ -25,6 +25,7 @@ from typing import Any
 
 from vallexd.config.paths import default_paths
 from vallexd.config.settings import DEFAULT_VOICE_ALIASES, Config, ConfigError
+from vallexd.constants import QUANTIZE_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,6 +161,13 @@ def _dtype(value: Any) -> str:
     return text
 
 
+def _quantize(value: Any) -> str:
+    text = _string(value).lower()
+    if text not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {value!r}; use one of {', '.join(QUANTIZE_MODES)}")
+    return text
+
+
 def _log_level(value: Any) -> str:
     text = _string(value).upper()
     if text not in LOG_LEVELS:
@@ -239,6 +247,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("cache_dir", "cache_dir", _string, "folder of cached WAV results", "path", metavar="DIR"),
     Option("device", "device", _device, "torch device: auto, cpu, cuda, cuda:N or mps", metavar="DEV"),
     Option("dtype", "dtype", _dtype, "model precision: auto, float32, float16 or bfloat16", metavar="DTYPE"),
+    Option("quantize", "quantize", _quantize,
+           "int8 weight matmuls on CPUs with VNNI: none, nar (the NAR decoder) or all (both decoders); "
+           "faster, with drift against float32 close to bfloat16's (README: Configuration reference)",
+           metavar="MODE"),
     Option("threads", "threads", _non_negative_int,
            "CPU threads for the model; 0 = torch's default (one per core). On a busy or shared machine "
            "1 is often faster: see bench/bench_model.py --threads", metavar="N"),

@@ -41,6 +41,7 @@ class Config:
     socket_group: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"  # int8 weight matmuls: none | nar | all (inference/quantize.py)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     max_batch: int = 4  # AR rows decoded together (see bench/bench_serving.py)
     compile: bool = False  # torch.compile at start

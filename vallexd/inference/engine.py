@@ -23,6 +23,7 @@ from vallexd.errors import Internal, InvalidArgument, Timeout
 from vallexd.inference.checkpoint import load_model
 from vallexd.inference.devices import describe, dtype_name, memory_now, open_device
 from vallexd.inference.model import Cancelled, NonFiniteLogits, VallEX, language_ids
+from vallexd.inference.quantize import check_int8, quantize_mode, quantize_model
 from vallexd.inference.scheduler import LONG_MODES, PieceFn, Request, Scheduler
 from vallexd.inference.vocoder import Vocoder, vocoder_device
 from vallexd.storage.fsutil import sha256_file
@@ -89,14 +90,23 @@ class Engine:
         return {**self._device_info, **memory_now(self._device), "vocoder_device": str(self.vocoder.device)}
 
     @property
+    def quantize(self) -> str:
+        """Which decoders run int8 weight matmuls: "none", "nar" or "all" (see quantize.py)."""
+        return quantize_mode(self.model)
+
+    @property
     def threads(self) -> int:
         """torch's intra-op CPU threads (what --threads set, or torch's default)."""
         return torch.get_num_threads()
 
     @classmethod
-    def load(cls, checkpoint: Path, vocos_dir: Path, *, device: str = "auto", dtype: str = "auto") -> Engine:
+    def load(cls, checkpoint: Path, vocos_dir: Path, *, device: str = "auto", dtype: str = "auto",
+             quantize: str = "none") -> Engine:
+        """Raises InvalidArgument (BAD_DTYPE, BAD_DEVICE, BAD_QUANTIZE), Unavailable, CheckpointError."""
         dev, dt = open_device(device, dtype)  # resolved, made current, and probed with one kernel
+        check_int8(quantize, dev)  # before the 1.5 GB load: a refused mode costs nothing
         model = load_model(Path(checkpoint), dev, dt)
+        quantize_model(model, quantize)
         vocoder = Vocoder.load(Path(vocos_dir), vocoder_device(dev))
         # Content digest of everything that shapes the audio: model weights, vocoder, numeric precision.
         h = hashlib.sha256(b"vallexd-engine-v2\0")
@@ -108,6 +118,8 @@ class Engine:
             h.update(bytes.fromhex(sha256_file(part)))
         h.update(dtype_name(dt).encode())
         h.update(dev.type.encode())  # CPU and CUDA generators draw differently for the same seed
+        if quantize != "none":  # (unquantized engines keep the digest they always had)
+            h.update(f"int8:{quantize}".encode())
         engine = cls(model, vocoder, dev, dt, h.hexdigest())
         engine._device_info = describe(dev)  # here, in the model thread: status only reads it
         return engine
@@ -116,6 +128,10 @@ class Engine:
         """torch.compile the model's dense parts and build every graph now (see compiled.py)."""
         from vallexd.inference.compiled import compile_model, warm_up
 
+        if self.quantize != "none":
+            # Not built or measured together: the int8 matmuls are fbgemm calls outside compiled graphs.
+            raise InvalidArgument("--compile together with --quantize is not supported: use one or the "
+                                  "other", reason="BAD_QUANTIZE")
         compile_model(self.model)
         warm_up(self)
         self.compiled = True

@@ -130,7 +130,7 @@ class Service(StorageApi):
             if config.checkpoint is None or config.vocos_dir is None:
                 raise InvalidArgument("no model configured: set checkpoint and vocos", reason="BAD_CONFIG")
             loader = default_loader(config.checkpoint, config.vocos_dir, config.device, config.dtype,
-                                    config.threads, config.compile)
+                                    config.threads, config.compile, config.quantize)
             worker = ModelWorker(loader, queue_limit=config.queue_limit, max_batch=config.max_batch)
         self.worker = worker
         #: Set by the lifecycle once the static server child listens, e.g. "http://127.0.0.1:8080".
@@ -524,6 +524,8 @@ class Service(StorageApi):
             "protocol": PROTOCOL_VERSION,
             "device": str(engine.device) if engine is not None else self.config.device,
             "dtype": str(engine.dtype) if engine is not None else self.config.dtype,
+            # int8 weight matmuls (--quantize): none | nar | all
+            "quantize": str(getattr(engine, "quantize", "none")) if engine else self.config.quantize,
             "threads": engine.threads if engine is not None else self.config.threads,
             "state": self.state,
             # GPU name, capability, memory (total; allocated/reserved now), driver; None until loaded.

@@ -63,7 +63,8 @@ class Job:
 
 
 def default_loader(
-    checkpoint: Path, vocos_dir: Path, device: str, dtype: str, threads: int = 0, compile: bool = False
+    checkpoint: Path, vocos_dir: Path, device: str, dtype: str, threads: int = 0, compile: bool = False,
+    quantize: str = "none",
 ) -> Callable[[], Any]:
     def load() -> Any:
         import torch  # only ever imported in the model thread
@@ -72,7 +73,7 @@ def default_loader(
 
         if threads:  # process-wide, but the model thread is the only one running torch
             torch.set_num_threads(threads)
-        engine = Engine.load(checkpoint, vocos_dir, device=device, dtype=dtype)
+        engine = Engine.load(checkpoint, vocos_dir, device=device, dtype=dtype, quantize=quantize)
         if compile:
             started = time.monotonic()
             engine.compile()

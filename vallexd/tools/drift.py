@@ -1,6 +1,6 @@
 """Numeric drift of a model variant (bfloat16 / float16 mixed precision, torch.compile) vs float32 eager.
 
-    python -m vallexd.tools.drift CHECKPOINT CASES_JSONL [--dtype bfloat16] [--compile]
+    python -m vallexd.tools.drift CHECKPOINT CASES_JSONL [--dtype bfloat16] [--compile] [--quantize nar]
 
 On the reference cases (../shared/reference/model-tiny) it prints, per case and in total:
 
@@ -25,6 +25,7 @@ from vallexd.constants import NUM_QUANTIZERS
 from vallexd.inference.checkpoint import load_model
 from vallexd.inference.devices import DTYPES
 from vallexd.inference.model import VallEX
+from vallexd.inference.quantize import QUANTIZE_MODES, check_int8, quantize_model
 from vallexd.tools.conformance import case_inputs, read_cases, run_case, teacher_forced_logits
 
 
@@ -72,8 +73,10 @@ def compare(reference: VallEX, variant: VallEX, case: dict[str, Any]) -> Drift:
     return d
 
 
-def variant_model(checkpoint: Path, dtype: str, compiled: bool) -> VallEX:
+def variant_model(checkpoint: Path, dtype: str, compiled: bool, quantize: str = "none") -> VallEX:
+    check_int8(quantize, torch.device("cpu"))
     model = load_model(checkpoint, torch.device("cpu"), DTYPES[dtype])
+    quantize_model(model, quantize)
     if compiled:
         from vallexd.inference.compiled import compile_model
 
@@ -88,15 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("cases", type=Path)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES)
     args = parser.parse_args(argv)
     reference = load_model(args.checkpoint, torch.device("cpu"), torch.float32)
-    variant = variant_model(args.checkpoint, args.dtype, args.compile)
+    variant = variant_model(args.checkpoint, args.dtype, args.compile, args.quantize)
     total = Drift()
     for _, case in read_cases(args.cases):
         d = compare(reference, variant, case)
         print(d.line(f"case {case.get('case', '?')}"))
         total.add(d)
-    print(total.line(f"all ({args.dtype}{', compiled' if args.compile else ''})"))
+    int8 = f", int8 {args.quantize}" if args.quantize != "none" else ""
+    print(total.line(f"all ({args.dtype}{', compiled' if args.compile else ''}{int8})"))
     return 0
 
 
