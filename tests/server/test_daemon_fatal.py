@@ -89,3 +89,15 @@ async def test_fatal_accelerator_error_exits_1_oom_does_not(
     assert reply["error"]["code"] == "UNAVAILABLE" and reply["error"]["reason"] == "ACCELERATOR_FAILED"
     assert await asyncio.wait_for(task, timeout=30) == 1
     assert not sock.exists()  # a normal shutdown otherwise: the socket is removed
+
+
+@pytest.mark.parametrize(("reason", "option", "safe"), [("BAD_DTYPE", "--dtype", "auto"),
+                                                        ("BAD_QUANTIZE", "--quantize", "none")])
+def test_a_refused_option_at_load_names_it_and_exits_2(reason: str, option: str, safe: str) -> None:
+    from vallexd.errors import InvalidArgument, Unavailable
+    from vallexd.server.daemon import load_failure
+
+    err = Unavailable("cannot load the model: refused", reason="MODEL_LOAD_FAILED")
+    err.__cause__ = InvalidArgument("this CPU cannot", reason=reason)
+    message, code = load_failure(err)
+    assert code == 2 and f"change {option}" in message and f"e.g. {option} {safe}" in message

@@ -57,17 +57,20 @@ def setup_logging(level: str) -> None:
 
 
 #: Load failures that are the configuration's fault (exit 2), and the option to change.
-_CONFIG_REASONS = {"BAD_DTYPE": "--dtype", "BAD_DEVICE": "--device", "DEVICE_UNAVAILABLE": "--device"}
+#: reason -> (the option at fault, a value that always loads)
+_CONFIG_REASONS = {"BAD_DTYPE": ("--dtype", "auto"), "BAD_DEVICE": ("--device", "auto"),
+                   "DEVICE_UNAVAILABLE": ("--device", "auto"), "BAD_QUANTIZE": ("--quantize", "none")}
 
 
 def load_failure(exc: VallexError) -> tuple[str, int]:
     """One sentence for a failed model load, naming the file or option and the fix; and the exit code."""
     cause = exc.__cause__ if isinstance(exc.__cause__, VallexError) else exc
     detail = cause.message.removeprefix("cannot load the model: ")
-    option = _CONFIG_REASONS.get(cause.reason or "")
-    if option is not None:
+    fix = _CONFIG_REASONS.get(cause.reason or "")
+    if fix is not None:
+        option, safe = fix
         return (f"cannot load the model: {detail}; change {option} "
-                f"(or VALLEXD_{option[2:].upper()}), e.g. {option} auto"), 2
+                f"(or VALLEXD_{option[2:].upper()}), e.g. {option} {safe}"), 2
     if cause.code == ErrorCode.NOT_FOUND:
         return (f"cannot load the model: {detail}; fetch the files with `vallexctl models fetch` "
                 "or point --checkpoint/--vocos at them"), 1
