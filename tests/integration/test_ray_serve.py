@@ -335,3 +335,27 @@ def test_a_replica_killed_mid_request_gives_unavailable_and_the_next_request_suc
         time.sleep(1)
     else:
         pytest.fail("Ray did not start a new replica within 90 s")
+
+
+# --------------------------------------------------------------------------- stopping (runs last)
+
+
+def test_sigterm_drains_as_the_daemon_does(ray_app: RayApp) -> None:
+    """SIGTERM: the request in progress finishes, a new one gets 503 SHUTTING_DOWN at once, exit 0."""
+    streaming, stream = open_stream(ray_app, 51)
+    audio: list[bytes] = []
+    reader = threading.Thread(target=lambda: audio.append(stream.read()))  # keep it flowing
+    reader.start()
+    ray_app.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while True:  # until the ingress has heard of the stop (one sent just before may still be served)
+        late = {"text": "Too late.", "language": "en"}
+        status, _h, body = request(ray_app.url, "POST", "/v1/synthesize", late, timeout=120)
+        if status == 503:
+            break
+        assert time.monotonic() < deadline, "new requests were still taken 60 s after SIGTERM"
+    assert json.loads(body)["error"]["reason"] == "SHUTTING_DOWN"
+    reader.join(120)  # the one in progress runs to its end
+    streaming.close()
+    assert audio and audio[0][:4] == b"RIFF" and len(audio[0]) > 400_000
+    assert ray_app.proc.wait(120) == 0

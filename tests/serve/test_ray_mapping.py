@@ -74,3 +74,21 @@ def test_vallexd_ray_refuses_a_bad_configuration_before_starting_ray(tmp_path: P
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert proc.stdout == ""
+
+
+def test_vallexd_ray_refuses_a_cluster_address_where_nothing_listens(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "vallexd.serve.ray", "--cache-dir", str(tmp_path / "c"),
+                           "--presets-dir", str(tmp_path / "p"), "--http-port", "0",
+                           "--ray-address", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no Ray cluster answers at 127.0.0.1:1" in proc.stderr, proc.stderr
+
+
+def test_vallexd_ray_refuses_replicas_the_local_instance_cannot_place(tmp_path: Path) -> None:
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed")
+    proc = subprocess.run([sys.executable, "-m", "vallexd.serve.ray", "--cache-dir", str(tmp_path / "c"),
+                           "--presets-dir", str(tmp_path / "p"), "--http-port", "0",
+                           "--ray-replica-gpus", "1000"], capture_output=True, text=True, timeout=120)
+    if "Ray did not start" in proc.stderr:
+        pytest.skip(f"Ray cannot start here: {proc.stderr[-500:]}")
+    assert proc.returncode == 2, proc.stderr
+    assert "1000 GPUs" in proc.stderr and "ray_replica_gpus" in proc.stderr, proc.stderr

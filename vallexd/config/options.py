@@ -357,10 +357,13 @@ def _help(opt: Option) -> str:
     return f"{opt.help} (default: {default})"
 
 
-def build_parser(prog: str = "vallexd") -> argparse.ArgumentParser:
+DESCRIPTION = "Local speech-synthesis daemon for the VALL-E X zero-shot TTS model."
+
+
+def build_parser(prog: str = "vallexd", description: str = DESCRIPTION) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Local speech-synthesis daemon for the VALL-E X zero-shot TTS model.",
+        description=description,
         epilog=(
             "Every option can also be set in the TOML file given by --config (key = the flag name with "
             "'_' for '-', e.g. http_port = 8081; static = false) or in the environment as VALLEXD_<KEY> "
@@ -467,11 +470,11 @@ def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
-                prog: str = "vallexd") -> Config:
-    """Build the Config once: defaults < TOML < VALLEXD_* environment < flags (`prog`: the command
-    named in --help and usage errors)."""
+                prog: str = "vallexd", description: str = DESCRIPTION) -> Config:
+    """Build the Config once: defaults < TOML < VALLEXD_* environment < flags (`prog` and
+    `description`: the command's --help and usage errors)."""
     env = os.environ if environ is None else environ
-    args = vars(build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv)))
+    args = vars(build_parser(prog, description).parse_args(list(sys.argv[1:] if argv is None else argv)))
     cwd = Path.cwd()
     paths = default_paths(env)
     values: dict[str, Any] = {

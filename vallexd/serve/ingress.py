@@ -39,6 +39,8 @@ log = logging.getLogger("vallexd.serve.ingress")
 
 #: How often the ingress asks Ray how many replicas run (for /health).
 WATCH_INTERVAL_S = 2.0
+#: How long /status waits for a replica before the ingress answers it alone.
+STATUS_WAIT_S = 2.0
 
 
 def from_ray(exc: BaseException, context: str) -> VallexError:
@@ -49,8 +51,7 @@ def from_ray(exc: BaseException, context: str) -> VallexError:
     if isinstance(exc, VallexError):
         return exc
     if isinstance(exc, serve_errors.BackPressureError):
-        return Busy(f"every replica is busy and the cluster queue is full ({exc}); retry later",
-                    reason="QUEUE_FULL")
+        return Busy("every replica is busy and the cluster queue is full; retry later", reason="QUEUE_FULL")
     if isinstance(exc, (serve_errors.RequestCancelledError, ray_errors.TaskCancelledError)):
         return Timeout("request cancelled", reason="CANCELLED")
     lost = (ray_errors.RayActorError, ray_errors.ActorUnavailableError, serve_errors.ReplicaUnavailableError,
@@ -152,8 +153,22 @@ class RemoteService(StorageApi):
         return created
 
     async def status(self) -> dict[str, Any]:
-        """One replica's status (its counters, queue and batch), with the cluster's view added."""
-        status: dict[str, Any] = await self._call("status", None)
+        """One replica's status (its counters, queue and batch), with the cluster's view added.
+
+        When every replica is busy (the status call would be refused BUSY or wait behind
+        syntheses), the ingress answers alone after STATUS_WAIT_S: version, state, replicas,
+        cache and presets, with `"replica": null` and `"busy": true`.
+        """
+        call = asyncio.ensure_future(self._call("status", None))
+        try:
+            status: dict[str, Any] = await asyncio.wait_for(asyncio.shield(call), STATUS_WAIT_S)
+        except (asyncio.TimeoutError, Busy):
+            call.cancel()
+            call.add_done_callback(consume_outcome)
+            status = {"version": __version__, "state": "ready" if self.running_replicas else "loading",
+                      "model_loaded": self.running_replicas > 0, "model_identity": self.model_identity,
+                      "cache": await self.cache_stats(), "presets": len(self.presets),
+                      "replica": None, "busy": True}
         status.update(static_url=self.static_base_url, http_url=self.http_url,
                       replicas={"running": self.running_replicas})
         return status
