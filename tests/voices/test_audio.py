@@ -47,6 +47,12 @@ def test_over_15_seconds_is_refused_while_decoding() -> None:
     assert info.value.reason == "PROMPT_TOO_LONG" and "15 s" in info.value.message
 
 
+def test_a_long_recording_is_refused_with_its_own_length_not_where_decoding_stopped() -> None:
+    with pytest.raises(TooLarge) as info:
+        decode_audio(mp3(30.0))  # decoding stops past 15 s; the file states 30 s
+    assert "30.0 s long" in info.value.message and info.value.details["seconds"] == pytest.approx(30, abs=0.2)
+
+
 def test_silence_is_refused() -> None:
     with pytest.raises(InvalidArgument) as info:
         decode_audio(silence(1.0))

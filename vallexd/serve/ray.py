@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         return _fail("Ray Serve is not installed: pip install 'vallexd[ray]'", EXIT_CONFIG)
 
+    if config.wyoming_uri:
+        print("vallexd-ray: warning: wyoming_uri is ignored: vallexd-ray serves HTTP only", file=sys.stderr)
     unreachable = _unreachable(config.ray_address)
     if unreachable:
         return _fail(unreachable, EXIT_FAILURE)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,12 +69,15 @@ def _bad(message: str, reason: str = "BAD_AUDIO") -> InvalidArgument:
     return InvalidArgument(message, reason=reason, details={"field": "audio"})
 
 
-def too_long(seconds: float, max_seconds: float) -> TooLarge:
+def too_long(seconds: float | None, max_seconds: float) -> TooLarge:
+    """PROMPT_TOO_LONG; `seconds` None when decoding stopped at the limit and the file does not
+    say its length (then the message says "longer than", never the cut-off length)."""
+    length = f"{seconds:.1f} s long" if seconds is not None else f"longer than {max_seconds:.0f} s"
     return TooLarge(
-        f"the recording is {seconds:.1f} s long; a voice prompt may be at most {max_seconds:.0f} s "
+        f"the recording is {length}; a voice prompt may be at most {max_seconds:.0f} s "
         "(cut a clean 3-10 s sentence out of it)",
-        reason="PROMPT_TOO_LONG", details={"field": "audio", "seconds": round(seconds, 2),
-                                           "limit": max_seconds},
+        reason="PROMPT_TOO_LONG", details={"field": "audio", "limit": max_seconds,
+                                           **({"seconds": round(seconds, 2)} if seconds is not None else {})},
     )
 
 
@@ -159,8 +163,8 @@ def _decode_av(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, int, s
                     arr = out.to_ndarray()
                     chunks.append(arr)
                     got += arr.shape[1]
-                if got > limit:
-                    raise too_long(got / rate, max_seconds)
+                if got > limit:  # stop decoding here: say the file's own length if it knows it
+                    raise too_long(_stated_seconds(container, stream), max_seconds)
         except av.error.FFmpegError as exc:  # type: ignore[attr-defined]
             raise _bad(f"the audio is damaged ({_first_line(exc)})") from None
     if not chunks:
@@ -169,6 +173,15 @@ def _decode_av(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, int, s
     if any(c.shape[0] != channels for c in chunks):
         raise _bad("the channel layout changes in the middle of the recording")
     return np.concatenate(chunks, axis=1).astype(np.float32, copy=False), rate, channels, fmt
+
+
+def _stated_seconds(container: Any, stream: Any) -> float | None:
+    """The length the container or stream header states, in seconds (None if neither does)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000  # AV_TIME_BASE: microseconds
+    return None
 
 
 def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, int, str]:
