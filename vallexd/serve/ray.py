@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     if stop.is_set():
         ray.shutdown()
-        return _stopped_early(ray, local=False)
+        return _stopped_early(local=False)
     try:
         missing = _missing_resources(config, ray.cluster_resources())
         if missing and config.ray_address is None:
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  stop, APP_START_TIMEOUT_S)
         if not started:
             if stop.is_set():
-                return _stopped_early(ray, local=config.ray_address is None)
+                return _stopped_early(local=config.ray_address is None)
             cause = _start_failure(handle) if handle is not None else \
                 f"not ready within {APP_START_TIMEOUT_S:.0f} s (the replicas' log above says why)"
             _stop_app(None, local=config.ray_address is None, grace_s=0, timeout_s=STOP_SLACK_S)
@@ -322,7 +322,7 @@ def _start_failure(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or ["unknown error"])[0]
 
 
-def _stopped_early(ray: Any, local: bool = True) -> int:
+def _stopped_early(local: bool) -> int:
     print("vallexd-ray: stopped before it was ready", file=sys.stderr, flush=True)
     if local:
         _stop_app(None, local=True, grace_s=0, timeout_s=STOP_SLACK_S)

@@ -45,7 +45,7 @@ class StorageApi:
         """Install `data` (.npz bytes) as preset `name`: InvalidArgument(BAD_PROMPT, BAD_NAME),
         TooLarge (over max_upload_bytes), AlreadyExists unless `overwrite`."""
         req = validate_install(params, max_bytes=self.config.max_upload_bytes)
-        await self.refresh_presets()
+        # No refresh first: install_prompt checks the file itself, so another process's install counts.
         preset = await asyncio.to_thread(self.presets.install, req.name, req.data, overwrite=req.overwrite)
         return {"name": preset.name, "language": preset.prompt.language, "frames": preset.prompt.num_frames}
 
