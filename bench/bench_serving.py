@@ -47,14 +47,13 @@ TOKENS_PER_SECOND = 14.3
 
 
 def cpu_features() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next(line for line in lines if line.startswith("flags")).split()
-        model = next(line for line in lines if line.startswith("model name")).split(":")[1]
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    """CPU model, core count and the flags that decide bf16/int8 speed (devices.py reads cpuinfo)."""
+    from vallexd.inference.devices import cpu_flags, cpuinfo_field
+
+    model = cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+    flags = cpu_flags()
     wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile"]
-    return f"{model.strip()}, {os.cpu_count()} CPUs, " + " ".join(f for f in wanted if f in flags)
+    return f"{model}, {os.cpu_count()} CPUs, " + " ".join(f for f in wanted if f in flags)
 
 
 # ------------------------------------------------------------------ the child: one configuration

@@ -25,16 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_int8 import build  # noqa: E402
 from bench_serving import cpu_features  # noqa: E402
 
 from vallexd.inference.batch import ArBatch, ArRow  # noqa: E402
-from vallexd.inference.model import ModelConfig, VallEX  # noqa: E402
-from vallexd.inference.quantize import cpu_has_vnni, quantize_model  # noqa: E402
+from vallexd.inference.model import VallEX  # noqa: E402
+from vallexd.inference.quantize import cpu_has_vnni  # noqa: E402
 
 S, P, T = 60, 225, 300  # text tokens, prompt frames (3 s), generated frames (4 s)
 
 
-def timed(call: Callable[[], object]) -> float:
+def once(call: Callable[[], object]) -> float:
+    """Seconds of one call (whole NAR runs: bench_int8.timed's repeated means would take minutes)."""
     started = time.perf_counter()
     call()
     return time.perf_counter() - started
@@ -51,14 +53,6 @@ def main() -> None:
     prompt = torch.randint(0, 1024, (P, 8))
     codes0 = torch.randint(0, 1024, (T,))
 
-    def model(dtype: torch.dtype, int8_nar: bool) -> VallEX:
-        m = VallEX(ModelConfig()).eval().requires_grad_(False)
-        if dtype != torch.float32:
-            m.set_matmul_dtype(dtype)
-        if int8_nar:
-            quantize_model(m, "nar")
-        return m
-
     def ar(m: VallEX, rows: int) -> None:
         batch = ArBatch(m)
         for _ in range(rows):
@@ -72,12 +66,12 @@ def main() -> None:
 
     print(f"# {cpu_features()}; S={S} P={P} T={T}; {args.steps} AR steps")
     int8 = cpu_has_vnni()
-    fast = model(torch.bfloat16, int8)
+    fast = build(torch.bfloat16, "nar" if int8 else "none")
     torch.set_num_threads(1)
     nar(fast), ar(fast, 1)  # warm-up
-    nar_s = timed(lambda: nar(fast))
-    ar_s = timed(lambda: ar(fast, args.rows))
-    serial_s = timed(lambda: (nar(fast), ar(fast, args.rows)))
+    nar_s = once(lambda: nar(fast))
+    ar_s = once(lambda: ar(fast, args.rows))
+    serial_s = once(lambda: (nar(fast), ar(fast, args.rows)))
     side = threading.Thread(target=nar, args=(fast,))
     started = time.perf_counter()
     side.start()
@@ -88,12 +82,12 @@ def main() -> None:
     print(f"{label:24} 1 thread: NAR {nar_s:.2f} s, AR {args.rows} rows {ar_s:.2f} s, "
           f"serial {serial_s:.2f} s, concurrent {both_s:.2f} s -> second core x{serial_s / both_s:.2f}")
 
-    base = model(torch.float32, False)
+    base = build(torch.float32, "none")
     rows = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         ar(base, 1)
-        rows[threads] = (timed(lambda: nar(base)), timed(lambda: ar(base, 1)))
+        rows[threads] = (once(lambda: nar(base)), once(lambda: ar(base, 1)))
         print(f"{'float32 batch 1':24} {threads} thread(s): NAR {rows[threads][0]:.2f} s, "
               f"AR {rows[threads][1]:.2f} s")
     one, two = rows[1], rows[2]

@@ -45,17 +45,6 @@ def test_the_guard_catches_a_tensor_without_a_device(meta_default: None) -> None
 
 
 def test_synthesis_creates_no_tensor_without_a_device(engine: Engine, meta_default: None) -> None:
-    from vallexd.inference import model as model_module
-
-    if hasattr(model_module, "_PE_CACHE"):
-        # This model.py builds its position tables lazily, from a device-less arange, the first
-        # time a length is seen; issue 13 item 3 replaces them with per-module buffers built at
-        # load, and this branch of the test then disappears by itself.  Until then: leave the
-        # guard for one short request to build them, so what follows checks everything else.
-        torch.set_default_device(None)
-        engine.synthesize([([20], "en")], None, Sampling(top_k=1))
-        torch.set_default_device("meta")
-
     prompt = Prompt(audio_tokens=np.arange(6 * 8).reshape(1, 6, 8) % 1024,
                     text_tokens=np.array([[30, 31]]), language="en")
     for sampling in (Sampling(top_k=1), Sampling(top_k=5, temperature=0.8, seed=3)):

@@ -73,7 +73,6 @@ class ArBatch:
     def __init__(self, model: VallEX) -> None:
         self.model = model
         self.rows: list[ArRow] = []
-        self.steps = 0  # batched decoder steps run (for tests and stats)
 
     def add(self, row: ArRow) -> None:
         """Prefill `row` (text + BOS + prompt) so it takes part in the next step."""
@@ -151,5 +150,4 @@ class ArBatch:
         for i, row in enumerate(live):
             row.logits = out[i : i + 1]
             row.filled += 1
-        self.steps += 1
         return left

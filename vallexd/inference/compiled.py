@@ -12,11 +12,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vallexd.errors import InvalidArgument
 from vallexd.inference.model import VallEX, feed_forward
 
 
 def compile_model(model: VallEX) -> None:
-    """Swap in compiled versions (lazy: torch compiles on the first call; see `warm_up`)."""
+    """Swap in compiled versions (lazy: torch compiles on the first call; see `warm_up`).
+
+    Raises InvalidArgument(BAD_QUANTIZE) for an int8 model: the int8 matmuls are fbgemm calls that
+    compiled graphs skip (they would silently run in float), and the two were never measured together.
+    """
+    from vallexd.inference.quantize import quantize_mode
+
+    if quantize_mode(model) != "none":
+        raise InvalidArgument("--compile together with --quantize is not supported: use one or the other",
+                              reason="BAD_QUANTIZE")
     model.ar_decoder.feed_forward = torch.compile(feed_forward, dynamic=True)
     model.nar_decoder.forward = torch.compile(model.nar_decoder.forward, dynamic=True)
 

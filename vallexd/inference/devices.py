@@ -56,7 +56,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the host
-def _cpuinfo_field(name: str, cpuinfo: str | Path | None = None) -> str:
+def cpuinfo_field(name: str, cpuinfo: str | Path | None = None) -> str:
     try:
         text = Path(cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -67,7 +67,7 @@ def _cpuinfo_field(name: str, cpuinfo: str | Path | None = None) -> str:
 
 def cpu_flags(cpuinfo: str | Path | None = None) -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    return frozenset(_cpuinfo_field("flags", cpuinfo).split())
+    return frozenset(cpuinfo_field("flags", cpuinfo).split())
 
 
 def cpu_has_native_bf16(cpuinfo: str | Path | None = None) -> bool:
@@ -294,7 +294,7 @@ def describe(device: torch.device) -> dict[str, Any]:
         )
     elif device.type == "cpu":
         info.update(
-            name=_cpuinfo_field("model name") or None,
+            name=cpuinfo_field("model name") or None,
             capability=torch.backends.cpu.get_cpu_capability(),
             native_bf16=cpu_has_native_bf16(),
         )

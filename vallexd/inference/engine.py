@@ -128,10 +128,6 @@ class Engine:
         """torch.compile the model's dense parts and build every graph now (see compiled.py)."""
         from vallexd.inference.compiled import compile_model, warm_up
 
-        if self.quantize != "none":
-            # Not built or measured together: the int8 matmuls are fbgemm calls outside compiled graphs.
-            raise InvalidArgument("--compile together with --quantize is not supported: use one or the "
-                                  "other", reason="BAD_QUANTIZE")
         compile_model(self.model)
         warm_up(self)
         self.compiled = True

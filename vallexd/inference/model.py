@@ -232,7 +232,8 @@ class Decoder(nn.Module):
         same computation as without `tail`, up to matmul rounding (a float32 GEMM may round the last
         bit differently for another row count; the reference cases' codes stay exact).  The NAR only
         reads the generated frames: with S text tokens, P prompt frames and T new ones this skips
-        ~(S + P) / (S + P + T) of one layer in twelve (-5.5 % NAR time at L = 530, T = 130).
+        ~(S + P) / (S + P + T) of one layer in twelve (in bfloat16 the NAR took 0.945x the time at
+        L = 530, T = 130, one thread, one run, on a 2-core AMD EPYC with AVX-512 BF16 and VNNI).
         """
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -364,10 +365,6 @@ class VallEX(nn.Module):
             for mod in dec.modules():
                 if isinstance(mod, (SelfAttention, nn.Linear)):
                     mod.to(dtype)
-
-    @property
-    def matmul_dtype(self) -> torch.dtype:
-        return self.ar_decoder.layers[0].linear1.weight.dtype
 
     def _text(
         self,

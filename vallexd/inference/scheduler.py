@@ -165,9 +165,6 @@ class Scheduler:
             self._fail(req, exc)
         return self._collect()
 
-    def cancel(self, req: Request, exc: Exception) -> None:
-        self._fail(req, exc)
-
     # ------------------------------------------------------------------ internals
     def _collect(self) -> list[Request]:
         ended = [r for r in self.active if r.finished]

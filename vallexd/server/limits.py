@@ -52,13 +52,11 @@ class FrameBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self.refused = 0
 
     def try_take(self, length: int) -> bool:
         if length <= SMALL_FRAME:
             return True
         if self.used + length > self.limit:
-            self.refused += 1
             return False
         self.used += length
         return True

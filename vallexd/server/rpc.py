@@ -366,7 +366,7 @@ class RpcServer:
             self.frame_budget.give_back(length)
 
     async def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter, peer: Peer,
-                      current: list[_Request], limiter: LogLimiter | None = None) -> None:
+                      current: list[_Request], limiter: LogLimiter) -> None:
         started = time.monotonic()
         request_id: Any = _safe_id(message)
         method = "-"
@@ -401,8 +401,7 @@ class RpcServer:
             writer.close()
         if self.metrics is not None:
             self.metrics.request("rpc", method, error)
-        if error is not None and error.code is not ErrorCode.INTERNAL and limiter is not None \
-                and not limiter.allow():
+        if error is not None and error.code is not ErrorCode.INTERNAL and not limiter.allow():
             return  # a client sending bad requests in a loop: its lines are counted, not logged
         cached = result.get("cached") if isinstance(result, dict) else None
         # A successful ping is a liveness probe (systemd, vallexctl, scripts poll it): DEBUG, or it
@@ -413,7 +412,7 @@ class RpcServer:
             "rpc id=%s method=%s peer %s %.0fms cached=%s %s%s",
             log_safe(request_id), log_safe(method, 64), peer, (time.monotonic() - started) * 1000,
             "-" if cached is None else ("hit" if cached else "miss"), outcome(error),
-            _suppressed(limiter) if limiter is not None else "",
+            _suppressed(limiter),
         )
 
     def _write(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:

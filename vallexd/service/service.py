@@ -39,14 +39,21 @@ from vallexd import __version__
 from vallexd.audio.encode import decode_wav_float, encode_audio
 from vallexd.config import Config
 from vallexd.constants import SAMPLE_RATE
-from vallexd.errors import Busy, Internal, InvalidArgument, Timeout, Unavailable, VallexError
+from vallexd.errors import Busy, Internal, InvalidArgument, Unavailable, VallexError
 from vallexd.protocol import PROTOCOL_VERSION
 from vallexd.service.coalesce import Coalescer, Run
 from vallexd.service.requests import SynthesisRequest, validate_empty, validate_synthesize
 from vallexd.service.result import SynthesisResult
 from vallexd.service.storage_api import StorageApi
 from vallexd.service.stream import SynthesisStream
-from vallexd.service.text_stage import TextStage, long_mode, model_input_digest, warm_text
+from vallexd.service.text_stage import (
+    TextStage,
+    deadline_error,
+    long_mode,
+    model_input_digest,
+    raise_if_cancelled,
+    warm_text,
+)
 from vallexd.service.voices import VoiceMaker
 from vallexd.service.worker import AudioFn, ModelWorker, default_loader
 from vallexd.storage.cache import cache_key, relative_url_path
@@ -110,11 +117,6 @@ def _no_audio(piece: int | None, attempts: int) -> Internal:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
-
-
-def _raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
-    if cancelled is not None and cancelled.is_set():
-        raise Timeout("request cancelled: the client went away", reason="CANCELLED")
 
 
 class Service(StorageApi):
@@ -261,7 +263,7 @@ class Service(StorageApi):
                           cancelled: asyncio.Event | None, on_audio: AudioFn | None) -> SynthesisResult:
         started = record.started
         self._check_accepting()
-        _raise_if_cancelled(cancelled)
+        raise_if_cancelled(cancelled)
         req = self.text.normalised(validate_synthesize(params, max_text_chars=self.config.max_text_chars))
         if req.voice is not None:
             await self.refresh_presets()
@@ -417,7 +419,7 @@ class Service(StorageApi):
                 self.text.executor, self.text.pieces, req, deadline, cancelled)
         finally:
             self._preparing -= 1
-        _raise_if_cancelled(cancelled)
+        raise_if_cancelled(cancelled)
         return pieces
 
     async def _run_model(self, preset: Preset | None, pieces: list[Piece], req: SynthesisRequest,
@@ -425,7 +427,7 @@ class Service(StorageApi):
         """Queue the pieces on the worker; audio and progress go to every waiter of `run`."""
         remaining = self.config.request_timeout_s - (time.monotonic() - started)
         if remaining <= 0:
-            raise self._deadline_error()
+            raise deadline_error(self.config.request_timeout_s)
         return await self.worker.run(
             pieces, preset.prompt if preset is not None else None,
             Sampling(top_k=req.top_k, temperature=req.temperature, seed=req.seed),
@@ -450,11 +452,6 @@ class Service(StorageApi):
             detail = exc.message if isinstance(exc, VallexError) else (exc.strerror or str(exc))
             return None, Unavailable(f"cannot write the result to the cache: {detail}",
                                      reason="CACHE_WRITE_FAILED")
-
-    def _deadline_error(self) -> Timeout:
-        timeout_s = self.config.request_timeout_s
-        return Timeout(f"request ran past its deadline of {timeout_s:g} s", reason="DEADLINE",
-                       details={"timeout_s": timeout_s})
 
     def _sample_rate(self) -> int:
         engine = self.worker.engine

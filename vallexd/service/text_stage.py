@@ -26,7 +26,7 @@ from vallexd.types import Piece
 
 log = logging.getLogger(__name__)
 
-#: Remembered text -> model-input digests (about 200 bytes each).
+#: Remembered text -> model-input digests (two 64-character hex strings an entry).
 MODEL_INPUT_MEMO = 16384
 
 
@@ -52,6 +52,18 @@ def warm_text() -> None:
         log.info("text front end ready (%s)", ", ".join(f"{k} {v:.1f}s" for k, v in spent.items()))
     except Exception:  # a front end that cannot warm up will report properly on first use
         log.warning("text front end warm-up failed", exc_info=True)
+
+
+def raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
+    """Timeout(CANCELLED) once the client went away (its request's `cancelled` event is set)."""
+    if cancelled is not None and cancelled.is_set():
+        raise Timeout("request cancelled: the client went away", reason="CANCELLED")
+
+
+def deadline_error(timeout_s: float) -> Timeout:
+    """Timeout(DEADLINE) of a request that ran past `request_timeout_s`."""
+    return Timeout(f"request ran past its deadline of {timeout_s:g} s", reason="DEADLINE",
+                   details={"timeout_s": timeout_s})
 
 
 class TextStage:
@@ -109,12 +121,9 @@ class TextStage:
         from vallexd import text as frontend
 
         # The request may have waited for this thread: do not phonemize for nobody.
-        if cancelled is not None and cancelled.is_set():
-            raise Timeout("request cancelled: the client went away", reason="CANCELLED")
+        raise_if_cancelled(cancelled)
         if time.monotonic() >= deadline:
-            timeout_s = self.config.request_timeout_s
-            raise Timeout(f"request ran past its deadline of {timeout_s:g} s", reason="DEADLINE",
-                          details={"timeout_s": timeout_s})
+            raise deadline_error(self.config.request_timeout_s)
         language = req.language
         if language == "auto":
             # Resolve once for the whole text so every piece speaks the same language.

@@ -160,6 +160,7 @@ class ModelWorker:
                  getattr(self.engine, "device", "?"), getattr(self.engine, "dtype", "?"), self.max_batch)
         self._accepting = True
         self._serving = self._executor.submit(self._serve)
+        self._serving.add_done_callback(_log_thread_death)
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new jobs, let queued and running ones finish within `grace_s`, cut off the rest."""
@@ -389,3 +390,11 @@ class ModelWorker:
         self._update_idle()
         if self.on_fatal is not None:
             self.on_fatal(err)
+
+
+def _log_thread_death(serving: Any) -> None:
+    """The scheduling loop only returns on stop; if it raised (a bug outside its own try), say so
+    now: otherwise queued jobs would wait for their deadlines with nothing in the log."""
+    exc = None if serving.cancelled() else serving.exception()
+    if exc is not None:
+        log.critical("the model thread died; requests will time out until a restart", exc_info=exc)

@@ -26,10 +26,6 @@ from __future__ import annotations
 import re
 import unicodedata
 
-#: Bump when the rules above, or any converter's output for a given normalised text, change:
-#: it is part of the cache key, so old entries are not served for a new reading.
-FRONTEND_VERSION = 2
-
 # Everything str.splitlines() treats as a line boundary.
 _LINE_BREAK_RE = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 # Emoji-ish pictographs (category So in these blocks), or any symbol/punctuation forced to
