@@ -19,6 +19,11 @@ compile.  Each configuration runs in its own process (own peak RSS).  On a CPU w
 dot products (VNNI) two more configurations run: int8 weight matmuls in the NAR decoder
 (`--quantize nar`) and in both decoders (`--quantize all`), the rest in the fastest dtype;
 `--no-int8` leaves them out.
+
+With 2+ torch threads the batched rows (N > 1) run the NAR stages on a second thread while the AR
+batch steps (`--nar-thread auto`, the daemon's default; vallexd/inference/nar_stage.py); one more
+configuration repeats the fastest dtype with `nar_thread off` to show what that thread is worth.
+Serial float32 batch 1 (the baseline) uses all the threads for each stage, as the daemon does.
 """
 
 from __future__ import annotations
@@ -164,17 +169,18 @@ async def time_to_first_audio(worker: Any) -> dict[str, float]:
     return {"ttfa": first_audio[0], "first_alone": time.perf_counter() - t2}
 
 
-async def run_config(engine: Any, ns: list[int], quick: bool) -> list[dict[str, Any]]:
+async def run_config(engine: Any, ns: list[int], quick: bool, nar_thread: str) -> list[dict[str, Any]]:
     from vallexd.service.worker import ModelWorker
 
     rows = []
     for n in ns:
-        worker = ModelWorker(lambda: engine, queue_limit=64, max_batch=n)
+        worker = ModelWorker(lambda: engine, queue_limit=64, max_batch=n, nar_thread=nar_thread)
         await worker.start()
         try:
             row = await concurrent(worker, n, quick)
             if n == ns[0]:
                 row.update(await time_to_first_audio(worker))
+            row["nar_thread"] = bool(worker.nar_thread)
             rows.append(row)
             print(f"# n={n}: {json.dumps(row)}", file=sys.stderr, flush=True)
         finally:
@@ -189,7 +195,7 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = build_engine(args.dtype, args.compile, args.device, args.small, args.quantize)
-    rows = asyncio.run(run_config(engine, [int(n) for n in args.n.split(",")], args.quick))
+    rows = asyncio.run(run_config(engine, [int(n) for n in args.n.split(",")], args.quick, args.nar_thread))
     print(json.dumps(rows))
 
 
@@ -205,6 +211,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--nar-thread", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--no-int8", action="store_true", help="leave out the int8 (--quantize) rows")
     args = parser.parse_args()
     args.n = args.n or ("1,4" if args.quick else "1,2,4,8")
@@ -221,11 +228,12 @@ def main() -> None:
     device = torch.device(args.device)
     half_ok = cpu_has_native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
     fastest = "bfloat16" if half_ok else "float32"
-    configs = [("float32", False, "none")]
+    configs = [("float32", False, "none", "auto")]
     if half_ok:
-        configs.append(("bfloat16", False, "none"))
+        configs.append(("bfloat16", False, "none", "auto"))
+    configs.append((fastest, False, "none", "off"))
     if not args.quick:
-        configs.append((fastest, True, "none"))
+        configs.append((fastest, True, "none", "auto"))
     try:
         check_int8("all", device)
         int8_ok = not args.no_int8
@@ -233,29 +241,31 @@ def main() -> None:
         print(f"# no int8 rows: {exc.message}")
         int8_ok = False
     if int8_ok:
-        configs += [(fastest, False, "nar"), (fastest, False, "all")]
+        configs += [(fastest, False, "nar", "auto"), (fastest, False, "all", "auto")]
     print(f"machine: {cpu_features()}; torch {torch.__version__}; threads {args.threads or 'default'}; "
           f"device {args.device}")
-    results: dict[tuple[str, bool, str], list[dict[str, Any]]] = {}
-    for dtype, compiled, quantize in configs:
+    results: dict[tuple[str, bool, str, str], list[dict[str, Any]]] = {}
+    for dtype, compiled, quantize, nar_thread in configs:
         cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--n", args.n, "--threads",
-               str(args.threads), "--device", args.device, "--quantize", quantize] + (
+               str(args.threads), "--device", args.device, "--quantize", quantize,
+               "--nar-thread", nar_thread] + (
                ["--quick"] if args.quick else []) + (["--compile"] if compiled else []) + (
                ["--small"] if args.small else [])
-        print(f"# running {dtype}{' compiled' if compiled else ''} int8={quantize} ...", flush=True)
+        label = f"{dtype}{' compiled' if compiled else ''} int8={quantize} nar_thread={nar_thread}"
+        print(f"# running {label} ...", flush=True)
         # The child's progress lines (stderr) show as it goes; its stdout is the JSON result.
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         if proc.returncode:
             raise SystemExit(f"configuration {dtype} compile={compiled} quantize={quantize} failed")
-        results[(dtype, compiled, quantize)] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = results[("float32", False, "none")][0]
+        results[(dtype, compiled, quantize, nar_thread)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = results[("float32", False, "none", "auto")][0]
     assert base["n"] == 1, "the baseline is serial float32 batch 1 (N must start at 1)"
-    header = (f"{'dtype':9} {'compile':7} {'int8':4} {'N':>2} {'audio-s/s':>9} {'thru_x':>6} {'p50 s':>7} "
-              f"{'p50_x':>5} {'p90 s':>7} {'ttfa s':>7} {'ttfa_x':>6} {'ttfa/first':>10} {'RSS MB':>7} "
-              f"{'CPU s/audio s':>13}")
+    header = (f"{'dtype':9} {'compile':7} {'int8':4} {'nar':3} {'N':>2} {'audio-s/s':>9} {'thru_x':>6} "
+              f"{'p50 s':>7} {'p50_x':>5} {'p90 s':>7} {'ttfa s':>7} {'ttfa_x':>6} {'ttfa/first':>10} "
+              f"{'RSS MB':>7} {'CPU s/audio s':>13}")
     print(header)
     lines = []
-    for (dtype, compiled, quantize), rows in results.items():
+    for (dtype, compiled, quantize, _), rows in results.items():
         ttfa_row = rows[0]
         for r in rows:
             thru_x = r["throughput"] / base["throughput"]
@@ -263,14 +273,17 @@ def main() -> None:
             ttfa_x = ttfa_row["ttfa"] / base["ttfa"]
             ratio_first = ttfa_row["ttfa"] / ttfa_row["first_alone"]
             flag = "yes" if compiled else "no"
-            print(f"{dtype:9} {flag:7} {quantize:4} {r['n']:>2} {r['throughput']:9.3f} {thru_x:6.2f} "
+            nar = "thr" if r["nar_thread"] else "-"
+            print(f"{dtype:9} {flag:7} {quantize:4} {nar:3} {r['n']:>2} {r['throughput']:9.3f} {thru_x:6.2f} "
                   f"{r['p50']:7.1f} {p50_x:5.2f} {r['p90']:7.1f} {ttfa_row['ttfa']:7.1f} {ttfa_x:6.2f} "
                   f"{ratio_first:10.2f} {r['peak_rss_mb']:7.0f} {r.get('cpu_per_audio_s', 0):13.2f}")
             lines.append(f"RESULT n={r['n']} dtype={dtype} compile={'yes' if compiled else 'no'} "
-                         f"quantize={quantize} throughput_x={thru_x:.2f} latency_p50_x={p50_x:.2f} "
+                         f"quantize={quantize} nar_thread={'on' if r['nar_thread'] else 'off'} "
+                         f"throughput_x={thru_x:.2f} latency_p50_x={p50_x:.2f} "
                          f"ttfa_x={ttfa_x:.2f} "
                          f"peak_rss_mb={r['peak_rss_mb']:.0f}")
-    print("(int8: which decoders run int8 weight matmuls (--quantize); ttfa: 10-sentence text alone, "
+    print("(int8: which decoders run int8 weight matmuls (--quantize); nar: thr = NAR stages on their "
+          "own thread beside the AR batch (--nar-thread); ttfa: 10-sentence text alone, "
           "time to its first audio; ttfa/first: that over its first "
           "sentence alone; _x: ratio to serial float32 batch 1 of this run; CPU s/audio s: process CPU "
           "time per second of audio made, a load-independent view of the work on a shared machine)")

@@ -44,6 +44,8 @@ MAX_TOP_K = CODEBOOK_SIZE  # the AR stage has 1025 classes; k >= that is the sam
 # --------------------------------------------------------------------------- numerics
 #: --quantize: which decoders run int8 weight matmuls (vallexd/inference/quantize.py).
 QUANTIZE_MODES: tuple[str, ...] = ("none", "nar", "all")
+#: --nar-thread: NAR stages + vocoder on a second thread (vallexd/inference/nar_stage.py).
+NAR_THREAD_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 # --------------------------------------------------------------------------- model files
 CHECKPOINT_FILE = "vallex-checkpoint.pt"

@@ -133,28 +133,36 @@ REQUESTS = [  # (pieces, with prompt?, sampling, long_mode)
 
 
 def _run(engine: Engine, requests: list[tuple[Any, ...]], prompt: Prompt, max_batch: int,
-         stagger: int = 0) -> list[list[np.ndarray]]:
+         stagger: int = 0, nar_thread: bool = False) -> list[list[np.ndarray]]:
     pieces: list[list[np.ndarray]] = [[] for _ in requests]
     reqs = [engine.new_request(p, prompt if has else None, s, long_mode=mode,
                                on_piece=lambda i, n, a, k=k: pieces[k].append(a))
             for k, (p, has, s, mode) in enumerate(requests)]
-    sched = Scheduler(engine, max_batch)
+    sched = Scheduler(engine, max_batch, nar_thread=nar_thread)
     waiting = list(reqs)
     steps = 0
-    while waiting or not sched.idle:
-        take = (lambda: waiting.pop(0) if waiting else None) if steps % (stagger + 1) == 0 else None
-        sched.schedule(take)
-        for req in sched.step():
-            assert req.error is None, req.error
-            np.testing.assert_array_equal(req.result(), np.concatenate(pieces[reqs.index(req)]))
-        steps += 1
+    try:
+        while waiting or not sched.idle:
+            take = (lambda: waiting.pop(0) if waiting else None) if steps % (stagger + 1) == 0 else None
+            sched.schedule(take)
+            for req in sched.step():
+                assert req.error is None, req.error
+                np.testing.assert_array_equal(req.result(), np.concatenate(pieces[reqs.index(req)]))
+            if not sched.has_work and not waiting:
+                sched.wait(10)  # only the NAR thread has work
+            steps += 1
+    finally:
+        sched.close()
     return pieces
 
 
-def test_requests_same_audio_alone_and_batched(engine: Engine, prompt: Prompt) -> None:
+@pytest.mark.parametrize("nar_thread", [False, True], ids=["inline-nar", "nar-thread"])
+def test_requests_same_audio_alone_and_batched(engine: Engine, prompt: Prompt, nar_thread: bool) -> None:
+    """Alone (batch 1, NAR inline) = batched with others = fixed pieces as parallel rows, with the
+    NAR inline or on its own thread (sliding coins and piece order included)."""
     alone = [_run(engine, [r], prompt, max_batch=1)[0] for r in REQUESTS]
-    batched = _run(engine, REQUESTS, prompt, max_batch=4, stagger=5)
-    wide = _run(engine, REQUESTS, prompt, max_batch=8)  # fixed pieces run as parallel rows
+    batched = _run(engine, REQUESTS, prompt, max_batch=4, stagger=5, nar_thread=nar_thread)
+    wide = _run(engine, REQUESTS, prompt, max_batch=8, nar_thread=nar_thread)  # fixed pieces as rows
     for a, b, c in zip(alone, batched, wide, strict=True):
         assert len(a) == len(b) == len(c)
         for x, y, z in zip(a, b, c, strict=True):
@@ -173,16 +181,24 @@ def test_engine_synthesize_pieces_concatenate_and_cancel(engine: Engine, prompt:
     assert info.value.reason == "CANCELLED"
 
 
-def test_fixed_pieces_run_in_parallel_after_the_first(engine: Engine, prompt: Prompt) -> None:
+@pytest.mark.parametrize("nar_thread", [False, True], ids=["inline-nar", "nar-thread"])
+def test_fixed_pieces_run_in_parallel_after_the_first(engine: Engine, prompt: Prompt,
+                                                      nar_thread: bool) -> None:
     req = engine.new_request(REQUESTS[0][0], prompt, Sampling(top_k=1), long_mode="fixed")
-    sched = Scheduler(engine, max_batch=4)
+    sched = Scheduler(engine, max_batch=4, nar_thread=nar_thread)
     sched.add(req)
     sizes = []
-    while not sched.idle:
-        sched.schedule()
-        sizes.append(sched.batch_size)
-        sched.step()
+    try:
+        while not sched.idle:
+            sched.schedule()
+            sizes.append(sched.batch_size)
+            sched.step()
+            if not sched.has_work:
+                sched.wait(10)
+    finally:
+        sched.close()
+    steps = [n for n in sizes if n]  # (with a NAR thread, passes while only its NAR runs step nothing)
     first = 16 * (4 + 3)  # piece 0: enrolled 4 + 3 tokens, greedy -> never EOS
-    assert set(sizes[:first]) == {1}  # the first piece alone: its audio comes as early as it can
-    assert max(sizes) == 2  # then the other two pieces side by side
+    assert set(steps[:first]) == {1}  # the first piece alone: its audio comes as early as it can
+    assert max(steps) == 2  # then the other two pieces side by side
     assert req.error is None and len(req.audio) == 3

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from vallexd.constants import HOP
-from vallexd.errors import Busy, Timeout
+from vallexd.errors import Busy, ResourceExhausted, Timeout
 from vallexd.inference.devices import cpu_has_native_bf16
 from vallexd.service.worker import ModelWorker
 from vallexd.storage.prompts import Prompt
@@ -69,11 +70,13 @@ async def _alone(engine: Any) -> list[np.ndarray]:
         await worker.stop(1.0)
 
 
-async def test_concurrent_jobs_share_steps_and_get_their_own_audio(engine: Any,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("nar_thread", ["off", "on"])
+async def test_concurrent_jobs_share_steps_and_get_their_own_audio(
+        engine: Any, monkeypatch: pytest.MonkeyPatch, nar_thread: str) -> None:
     alone = await _alone(engine)
     gate = StepGate(engine, monkeypatch)
-    worker = await _worker(engine, max_batch=4)
+    worker = await _worker(engine, max_batch=4, nar_thread=nar_thread)
+    assert worker.nar_thread is (nar_thread == "on")
     try:
         pieces: list[list[np.ndarray]] = [[] for _ in JOBS]
         tasks = [asyncio.ensure_future(worker.run(p, pr, s, timeout_s=60, on_audio=pieces[k].append,
@@ -113,12 +116,13 @@ async def test_full_batch_and_queue_give_busy_then_all_finish(engine: Any,
         await worker.stop(1.0)
 
 
-async def test_cancelling_one_job_leaves_the_other_rows_alone(engine: Any,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("nar_thread", ["off", "on"])
+async def test_cancelling_one_job_leaves_the_other_rows_alone(engine: Any, monkeypatch: pytest.MonkeyPatch,
+                                                              nar_thread: str) -> None:
     alone = await _alone(engine)
     gate = StepGate(engine, monkeypatch)
     gate.open.clear()
-    worker = await _worker(engine, max_batch=4)
+    worker = await _worker(engine, max_batch=4, nar_thread=nar_thread)
     try:
         gone = asyncio.Event()
         victim = asyncio.ensure_future(worker.run(*JOBS[0][:3], timeout_s=60, cancelled=gone))
@@ -138,10 +142,11 @@ async def test_cancelling_one_job_leaves_the_other_rows_alone(engine: Any,
         await worker.stop(1.0)
 
 
-async def test_sliding_and_fixed_long_modes(engine: Any) -> None:
+@pytest.mark.parametrize("nar_thread", ["off", "on"])
+async def test_sliding_and_fixed_long_modes(engine: Any, nar_thread: str) -> None:
     """Greedy, so lengths are 16 x S: fixed pieces enrol the prompt's transcript; sliding pieces
     after the first enrol either it or the previous piece (a coin per piece; always without voice)."""
-    worker = await _worker(engine, max_batch=4)
+    worker = await _worker(engine, max_batch=4, nar_thread=nar_thread)
     texts = [[12, 30, 41], [7, 55], [23, 24, 25, 26], [5, 6]]
     pieces = [(t, "en") for t in texts]
     e = PROMPT.text_tokens.shape[1]
@@ -166,6 +171,105 @@ async def test_sliding_and_fixed_long_modes(engine: Any) -> None:
                 assert slid or got[k] == 16 * (e + len(texts[k]))
                 seen.add(slid)
         assert seen == {True, False}  # both outcomes of the coin happen
+    finally:
+        await worker.stop(1.0)
+
+
+class NarGate:
+    """Holds `generate_nar` (wherever it runs) while closed; records the threads it ran on."""
+
+    def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch, fail: Any = None) -> None:
+        self.real = engine.model.generate_nar
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+        self.fail = fail  # fail(x) -> an exception to raise for that piece's text, or None
+        monkeypatch.setattr(engine.model, "generate_nar", self)
+
+    def __call__(self, x: Any, *args: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.open.wait(30), "gate never opened"
+        err = self.fail(x) if self.fail is not None else None
+        if err is not None:
+            raise err
+        return self.real(x, *args)
+
+
+LONG = ([(list(range(20, 32)), "en")], PROMPT, Sampling(top_k=1))  # greedy: 16 x (4 + 12) frames
+SHORT = ([([5, 6], "en")], PROMPT, Sampling(top_k=1))  # 16 x (4 + 2) frames
+
+
+async def test_nar_thread_runs_a_finished_piece_while_the_other_rows_step(
+        engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The short job's NAR is held on the NAR thread; the long job's AR steps go on meanwhile (the
+    point of the thread), and both give what they give alone."""
+    alone = await _alone_jobs(engine, [LONG, SHORT])
+    steps = StepGate(engine, monkeypatch)
+    nar = NarGate(engine, monkeypatch)
+    worker = await _worker(engine, max_batch=4, nar_thread="on")
+    try:
+        long = asyncio.ensure_future(worker.run(*LONG, timeout_s=60))
+        short = asyncio.ensure_future(worker.run(*SHORT, timeout_s=60))
+        await _wait_for(nar.entered.is_set)  # the short piece reached its NAR (held)
+        held_at = len(steps.sizes)
+        await _wait_for(lambda: len(steps.sizes) >= held_at + 40)  # ... while the long row steps
+        assert not short.done() and set(steps.sizes[held_at:]) == {1}
+        nar.open.set()
+        got = await asyncio.gather(long, short)
+        for a, b in zip(got, alone, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert set(nar.threads) == {"vallexd-nar"}
+        assert worker.in_flight == 0 and worker.batch_size == 0
+    finally:
+        nar.open.set()
+        await worker.stop(1.0)
+
+
+async def test_cancel_and_failure_on_the_nar_thread_leave_the_others_alone(
+        engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job cancelled while its piece waits on the NAR thread ends CANCELLED; a NAR that runs out
+    of memory there fails only its own job (RESOURCE_EXHAUSTED); the long job is unaffected."""
+    alone = await _alone_jobs(engine, [LONG])
+    failing = ([([7, 8, 9], "en")], PROMPT, Sampling(top_k=1))
+
+    def fail(x: Any) -> BaseException | None:
+        if x.tolist()[-3:] == [7, 8, 9]:
+            try:
+                torch.empty(10**14, dtype=torch.uint8)  # the real CPU allocator refuses 100 TB
+            except RuntimeError as exc:
+                return exc
+        return None
+
+    nar = NarGate(engine, monkeypatch, fail=fail)
+    worker = await _worker(engine, max_batch=4, nar_thread="on")
+    try:
+        gone = asyncio.Event()
+        long = asyncio.ensure_future(worker.run(*LONG, timeout_s=60))
+        victim = asyncio.ensure_future(worker.run(*SHORT, timeout_s=60, cancelled=gone))
+        oom = asyncio.ensure_future(worker.run(*failing, timeout_s=60))
+        await _wait_for(nar.entered.is_set)  # SHORT is the first to finish its AR: held in its NAR
+        gone.set()
+        with pytest.raises(Timeout) as info:
+            await asyncio.wait_for(victim, 10)
+        assert info.value.reason == "CANCELLED"
+        nar.open.set()
+        with pytest.raises(ResourceExhausted) as oom_info:
+            await oom
+        assert oom_info.value.reason == "OUT_OF_MEMORY"
+        np.testing.assert_array_equal(await long, alone[0])
+        await _wait_for(lambda: worker.in_flight == 0)
+        assert worker.failure_reasons == {"CANCELLED": 1, "OUT_OF_MEMORY": 1}
+        assert worker.fatal is None and worker.model_loaded
+    finally:
+        nar.open.set()
+        await worker.stop(1.0)
+
+
+async def _alone_jobs(engine: Any, jobs: list[Any]) -> list[np.ndarray]:
+    worker = await _worker(engine, max_batch=1)
+    try:
+        return [await worker.run(*job, timeout_s=60) for job in jobs]
     finally:
         await worker.stop(1.0)
 

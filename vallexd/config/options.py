@@ -25,7 +25,7 @@ from typing import Any
 
 from vallexd.config.paths import default_paths
 from vallexd.config.settings import DEFAULT_VOICE_ALIASES, Config, ConfigError
-from vallexd.constants import QUANTIZE_MODES
+from vallexd.constants import NAR_THREAD_MODES, QUANTIZE_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -168,6 +168,13 @@ def _quantize(value: Any) -> str:
     return text
 
 
+def _nar_thread(value: Any) -> str:
+    text = _string(value).lower()
+    if text not in NAR_THREAD_MODES:
+        raise ValueError(f"unknown nar_thread mode {value!r}; use one of {', '.join(NAR_THREAD_MODES)}")
+    return text
+
+
 def _log_level(value: Any) -> str:
     text = _string(value).upper()
     if text not in LOG_LEVELS:
@@ -258,6 +265,10 @@ OPTIONS: tuple[Option, ...] = (
            "most AR rows decoded together (concurrent requests and fixed-mode pieces share steps); each "
            "row's float32 k/v cache takes n_layers x 2 x d_model x 4 bytes per position (96 KiB for the "
            "full model: ~55-180 MB for a typical row)", metavar="N"),
+    Option("nar_thread", "nar_thread", _nar_thread,
+           "run the NAR stages and the vocoder of finished rows on a second thread while the AR batch "
+           "steps, the CPU cores shared between them: auto (on for a CPU model with 2+ threads and "
+           "max_batch > 1), on or off (see bench/bench_two_cores.py)", metavar="MODE"),
     Option("compile", "compile", _bool,
            "apply torch.compile to the model at start, before READY (the log gives the compile time)", "on"),
     Option("http_host", "http_host", _string, "address of the optional HTTP API", metavar="HOST"),

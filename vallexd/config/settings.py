@@ -44,6 +44,7 @@ class Config:
     quantize: str = "none"  # int8 weight matmuls: none | nar | all (inference/quantize.py)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     max_batch: int = 4  # AR rows decoded together (see bench/bench_serving.py)
+    nar_thread: str = "auto"  # NAR + vocoder on a second thread: auto | on | off
     compile: bool = False  # torch.compile at start
     http_host: str = "127.0.0.1"
     http_port: int | None = None

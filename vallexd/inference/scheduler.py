@@ -4,9 +4,10 @@ A `Request` is one synthesis (its pieces of text, prompt, sampling, long-text mo
 `Scheduler` turns its pieces into `ArRow`s of one shared `ArBatch`, at most `max_batch` rows at a
 time, and between two AR steps:
 
-- a row that finished its AR stage runs its NAR stages and the vocoder (per row: on the CPU a
-  padded NAR batch is no faster, the NAR being compute-bound), and the piece's audio is handed to
-  `on_piece` in piece order;
+- a row that finished its AR stage goes to the `NarStage` (NAR stages and vocoder, per row: on
+  the CPU a padded NAR batch is no faster, the NAR being compute-bound), on a second thread when
+  `nar_thread` (see nar_stage.py), so the other rows keep stepping meanwhile; finished pieces come
+  back at the next step boundary and their audio goes to `on_piece` in piece order;
 - free rows go first to running requests that have none (the next piece of a sliding request),
   then to new requests (FIFO), then to further pieces of running `fixed` requests (they are
   independent, so a long text uses the batch even alone, once its first piece is out);
@@ -33,6 +34,7 @@ import torch
 from vallexd.errors import Internal
 from vallexd.inference.batch import ArBatch, ArRow
 from vallexd.inference.model import Cancelled, language_ids
+from vallexd.inference.nar_stage import NarStage, PieceWork
 
 LONG_MODES = ("fixed", "sliding")
 
@@ -82,8 +84,8 @@ class Request:
             return False
         if not self.sliding:
             # Fixed pieces are independent, but the first runs alone until its audio is out: rows
-            # beside it would slow its steps, and time to first audio matters most.
-            return bool(self.audio) or not self.rows
+            # beside it would slow its steps and its NAR, and time to first audio matters most.
+            return bool(self.audio) or self.started == 0
         # A sliding piece needs the previous one finished (its codes may be the next prompt).
         return not self.rows and len(self.audio) + len(self.done) == self.started
 
@@ -93,15 +95,20 @@ class Request:
 
 
 class Scheduler:
-    """Continuous batching over requests; everything runs in the one model thread."""
+    """Continuous batching over requests.  Every request's state lives in the calling (model)
+    thread; with `nar_thread` the NAR stage computes on its own thread and only hands results back."""
 
-    def __init__(self, engine: Any, max_batch: int = 1) -> None:
+    def __init__(self, engine: Any, max_batch: int = 1, *, nar_thread: bool = False,
+                 wake: Callable[[], None] | None = None) -> None:
+        """`wake()` is called from the NAR thread when a piece is done (see `has_work`)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
         self.batch = ArBatch(engine.model)
         self.active: list[Request] = []
+        self.stage = NarStage(engine, threaded=nar_thread, ar_rows=lambda: len(self.batch.rows), wake=wake)
+        self._threads = self.stage.total_threads  # this thread's torch threads now
 
     @property
     def batch_size(self) -> int:
@@ -114,6 +121,23 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self.active
+
+    @property
+    def has_work(self) -> bool:
+        """Is there something to do without waiting: rows to step, pieces to start, or finished
+        pieces to hand on?  (False while the only work left is on the NAR thread: wait for `wake`
+        or call `wait()`.)"""
+        if self.batch.rows or self.stage.has_completed:
+            return True
+        return self.free > 0 and any(req.wants_row() for req in self.active)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the NAR stage finishes a piece (or `timeout` s); returns at once if it has none."""
+        self.stage.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the NAR thread (pieces on it are dropped; their requests are failed or finished)."""
+        self.stage.close()
 
     def schedule(self, take: Callable[[], Request | None] | None = None) -> list[Request]:
         """Fill free rows at a step boundary: waiting pieces of running requests, new requests from
@@ -143,8 +167,13 @@ class Scheduler:
             self._start(req)
 
     def step(self) -> list[Request]:
-        """One AR step for every row, then NAR + vocoder for rows that left; returns the requests
-        that ended (finished, or failed: `request.error`)."""
+        """One AR step for every row; rows that left go to the NAR stage, pieces it finished are
+        handed on.  Returns the requests that ended (finished, or failed: `request.error`)."""
+        self._finish_pieces(self.stage.completed())
+        threads = self.stage.ar_threads()  # share the cores with the NAR thread while it works
+        if threads != self._threads:
+            torch.set_num_threads(threads)  # this thread's OpenMP team only
+            self._threads = threads
         for row in self.batch.step():
             req: Request = row.owner[0]
             if row in req.rows:
@@ -155,9 +184,10 @@ class Scheduler:
                 self._fail(req, row.error)
                 continue
             try:
-                self._finish_piece(req, row)
-            except Exception as exc:  # Cancelled, NonFiniteLogits, a vocoder failure...
+                self._to_nar(req, row)
+            except Exception as exc:
                 self._fail(req, exc)
+        self._finish_pieces(self.stage.completed())  # inline: this step's; threaded: any since
         return self._collect()
 
     def fail_all(self, exc: Exception) -> list[Request]:
@@ -202,25 +232,40 @@ class Scheduler:
             return
         req.rows.append(row)
 
-    def _finish_piece(self, req: Request, row: ArRow) -> None:
+    def _to_nar(self, req: Request, row: ArRow) -> None:
         _, i, prompt_codes, ids = row.owner
-        model = self.engine.model
         if not row.frames:  # EOS at once: a piece that says nothing is a failure, not silence
             raise Internal(f"the model produced no audio for piece {i + 1} of {req.total}",
                            reason="NO_AUDIO", details={"piece": i})
+
+        def should_stop() -> bool:  # the request failed elsewhere, or its caller gave up
+            return req.error is not None or (req.should_stop is not None and req.should_stop())
+
         codes0 = torch.tensor(row.frames, dtype=torch.long, device=row.x.device)
-        codes = model.generate_nar(row.x, row.langs, prompt_codes, codes0, req.should_stop)
-        audio = self.engine.decode(codes.cpu().numpy().astype(np.int64, copy=False))
-        req.done[i] = np.asarray(audio, dtype=np.float32)
-        if req.sliding and i + 1 < req.total:
-            # Always slide without a prompt of its own; else on a fair coin from the request's RNG.
-            own_prompt = req.prompt_codes.shape[0] > 0
-            gen = req.generator
-            coin = bool(torch.rand(1, generator=gen, device=gen.device) < 0.5) if own_prompt else True
-            req.slide = (list(ids), codes) if coin and codes.shape[0] else None
-        while len(req.audio) in req.done:  # emit in order
-            k = len(req.audio)
-            piece = req.done.pop(k)
-            req.audio.append(piece)
-            if req.on_piece is not None:
-                req.on_piece(k, req.total, piece)
+        self.stage.submit(PieceWork(req, i, row.x, row.langs, prompt_codes, codes0, ids, should_stop))
+
+    def _finish_pieces(self, works: list[PieceWork]) -> None:
+        """Pieces back from the NAR stage: the sliding coin, then audio out in piece order."""
+        for work in works:
+            req: Request = work.owner
+            if req.error is not None or req not in self.active:
+                continue  # failed meanwhile (its error is already reported)
+            if work.error is not None:  # Cancelled, NonFiniteLogits, a vocoder failure...
+                self._fail(req, work.error)
+                continue
+            assert work.codes is not None and work.audio is not None
+            i = work.index
+            req.done[i] = work.audio
+            if req.sliding and i + 1 < req.total:
+                # Always slide without a prompt of its own; else on a fair coin from the request's
+                # RNG.  Sliding pieces run one after another, so the coins are drawn in piece order.
+                own_prompt = req.prompt_codes.shape[0] > 0
+                gen = req.generator
+                coin = bool(torch.rand(1, generator=gen, device=gen.device) < 0.5) if own_prompt else True
+                req.slide = (list(work.ids), work.codes) if coin and work.codes.shape[0] else None
+            while len(req.audio) in req.done:  # emit in order
+                k = len(req.audio)
+                piece = req.done.pop(k)
+                req.audio.append(piece)
+                if req.on_piece is not None:
+                    req.on_piece(k, req.total, piece)

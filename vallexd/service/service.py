@@ -133,7 +133,8 @@ class Service(StorageApi):
                 raise InvalidArgument("no model configured: set checkpoint and vocos", reason="BAD_CONFIG")
             loader = default_loader(config.checkpoint, config.vocos_dir, config.device, config.dtype,
                                     config.threads, config.compile, config.quantize)
-            worker = ModelWorker(loader, queue_limit=config.queue_limit, max_batch=config.max_batch)
+            worker = ModelWorker(loader, queue_limit=config.queue_limit, max_batch=config.max_batch,
+                                 nar_thread=config.nar_thread)
         self.worker = worker
         #: Set by the lifecycle once the static server child listens, e.g. "http://127.0.0.1:8080".
         self.static_base_url: str | None = None
@@ -535,6 +536,7 @@ class Service(StorageApi):
             "in_flight": self.worker.in_flight,
             "max_batch": self.worker.max_batch,
             "batch_size": self.worker.batch_size,
+            "nar_thread": self.worker.nar_thread,  # None until the model is loaded
             "cache": {"files": cache["files"], "bytes": cache["bytes"]},
             "presets": len(self.presets),
             "uptime_s": round(time.monotonic() - self._started_at, 3),

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vallexd.constants import NAR_THREAD_MODES
 from vallexd.errors import Busy, Internal, Timeout, Unavailable, VallexError
 from vallexd.types import Piece, Sampling
 
@@ -84,12 +85,20 @@ def default_loader(
 
 
 class ModelWorker:
-    def __init__(self, loader: Callable[[], Any], *, queue_limit: int, max_batch: int = 1) -> None:
+    def __init__(self, loader: Callable[[], Any], *, queue_limit: int, max_batch: int = 1,
+                 nar_thread: str = "auto") -> None:
+        """`nar_thread`: "on" | "off" | "auto" (on for a CPU model with 2+ torch threads and
+        max_batch > 1): NAR stages and vocoder on a second thread (vallexd.inference.nar_stage)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if nar_thread not in NAR_THREAD_MODES:
+            raise ValueError(f"nar_thread must be one of {', '.join(NAR_THREAD_MODES)}, got {nar_thread!r}")
         self._loader = loader
         self.queue_limit = queue_limit
         self.max_batch = max_batch
+        self.nar_thread_mode = nar_thread
+        #: Whether the NAR runs on its own thread; decided once the model is loaded.
+        self.nar_thread: bool | None = None
         self.engine: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vallexd-model")
         self._cv = threading.Condition()  # guards _waiting and _running across the two threads
@@ -156,8 +165,10 @@ class ModelWorker:
             detail = exc.message if isinstance(exc, VallexError) else str(exc) or type(exc).__name__
             raise Unavailable(f"cannot load the model: {detail}", reason="MODEL_LOAD_FAILED") from exc
         self.load_s = time.monotonic() - started
-        log.info("model loaded in %.1f s (device %s, dtype %s, max batch %d)", self.load_s,
-                 getattr(self.engine, "device", "?"), getattr(self.engine, "dtype", "?"), self.max_batch)
+        self.nar_thread = self._wants_nar_thread()
+        log.info("model loaded in %.1f s (device %s, dtype %s, max batch %d, NAR thread %s)", self.load_s,
+                 getattr(self.engine, "device", "?"), getattr(self.engine, "dtype", "?"), self.max_batch,
+                 "on" if self.nar_thread else "off")
         self._accepting = True
         self._serving = self._executor.submit(self._serve)
         self._serving.add_done_callback(_log_thread_death)
@@ -258,7 +269,23 @@ class ModelWorker:
         if self._idle is not None and not self._running and not self._waiting:
             self._idle.set()
 
+    def _wants_nar_thread(self) -> bool:
+        if self.nar_thread_mode != "auto":
+            return self.nar_thread_mode == "on"
+        # Measured on CPUs, eager models only (bench/bench_two_cores.py, bench_serving.py); on a GPU
+        # both stages would share one stream.  With max_batch 1 nothing steps beside a NAR, and
+        # halving its threads would only slow it.
+        engine = self.engine
+        threads = int(getattr(engine, "threads", 1) or 1)
+        return (str(getattr(engine, "device", "cpu")) == "cpu" and not getattr(engine, "compiled", False)
+                and threads >= 2 and self.max_batch > 1)
+
     # ------------------------------------------------------------------ the model thread
+    def _wake(self) -> None:
+        """The NAR thread finished a piece: let a waiting scheduling loop look again."""
+        with self._cv:
+            self._cv.notify_all()
+
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop closed under a daemon being killed
@@ -320,32 +347,47 @@ class ModelWorker:
         # The engine of this loop: after a fatal accelerator error the loop thread sets
         # self.engine to None while this thread may still be finishing the failed batch.
         engine = self.engine
-        sched = Scheduler(engine, self.max_batch)
-        while True:
-            with self._cv:
-                while sched.idle and not self._waiting and not self._stopping:
-                    self._rows = 0
-                    self._cv.wait()
-                if self._stopping and sched.idle:
-                    return
-            started = time.monotonic()
-            try:
-                ended = sched.schedule(self._take)
+
+        def new_scheduler() -> Scheduler:
+            return Scheduler(engine, self.max_batch, nar_thread=bool(self.nar_thread), wake=self._wake)
+
+        sched = new_scheduler()
+        try:
+            while True:
+                with self._cv:
+                    waited = time.monotonic()
+                    while sched.idle and not self._waiting and not self._stopping:
+                        self._rows = 0
+                        self._cv.wait()
+                    if not (sched.idle or sched.has_work or self._waiting or self._stopping):
+                        # Only the NAR thread has work: until it hands a piece back (_wake) or a
+                        # new job comes; at most 0.5 s, so cancelled requests are still polled.
+                        self._cv.wait(0.5)
+                    if self._stopping and sched.idle:
+                        return
+                if not sched.idle:  # waiting for the NAR thread is model time too
+                    self.busy_s += time.monotonic() - waited
+                started = time.monotonic()
+                try:
+                    ended = sched.schedule(self._take)
+                    self._rows = sched.batch_size
+                    if not sched.idle:
+                        if self.on_step is not None and sched.batch_size:
+                            self.on_step(sched.batch_size)
+                        ended += sched.step()
+                except Exception as exc:  # a bug outside any one row: fail the batch, start afresh
+                    err = self._classify(exc) if not isinstance(exc, VallexError) else None
+                    if err is None:
+                        log.exception("batch step failed")
+                    ended = sched.fail_all(err or exc)
+                    sched.close()
+                    sched = new_scheduler()
+                self.busy_s += time.monotonic() - started
                 self._rows = sched.batch_size
-                if not sched.idle:
-                    if self.on_step is not None:
-                        self.on_step(sched.batch_size)
-                    ended += sched.step()
-            except Exception as exc:  # a bug outside any one row: fail the batch, start afresh
-                err = self._classify(exc) if not isinstance(exc, VallexError) else None
-                if err is None:
-                    log.exception("batch step failed")
-                ended = sched.fail_all(err or exc)
-                sched = Scheduler(engine, self.max_batch)
-            self.busy_s += time.monotonic() - started
-            self._rows = sched.batch_size
-            for req in ended:
-                self._finish(req.tag, req.error, None if req.error is not None else req.result())
+                for req in ended:
+                    self._finish(req.tag, req.error, None if req.error is not None else req.result())
+        finally:
+            sched.close()
 
     # ------------------------------------------------------------------ on the loop
     def _deliver(self, job: Job, fn: Callable[..., None], *args: Any) -> None:
