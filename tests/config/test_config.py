@@ -115,6 +115,7 @@ BAD_FLAGS = [
     (["--grace", "-1"], "grace"),
     (["--socket-mode", "999"], "socket_mode"),
     (["--log-level", "loud"], "log_level"),
+    (["--nar-thread", "yes"], "nar_thread"),
     (["--socket", ""], "socket"),
 ]
 
@@ -221,3 +222,9 @@ def test_threads_from_env_and_flag() -> None:
     assert load_config(["--threads", "1"], {**XDG_ENV, "VALLEXD_THREADS": "2"}).threads == 1
     with pytest.raises(ConfigError):
         load_config(["--threads", "-1"], XDG_ENV)
+
+
+def test_nar_thread_modes() -> None:
+    assert load_config([], XDG_ENV).nar_thread == "auto"
+    assert load_config([], {**XDG_ENV, "VALLEXD_NAR_THREAD": "OFF"}).nar_thread == "off"
+    assert load_config(["--nar-thread", "on"], {**XDG_ENV, "VALLEXD_NAR_THREAD": "off"}).nar_thread == "on"

@@ -117,12 +117,16 @@ class NarStage:
             if not self._done and (self._queue or self._working):
                 self._cv.wait(timeout)
 
-    def close(self) -> None:
-        """Stop the thread after the piece it is on; queued pieces are dropped."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread after the piece it is on (queued pieces are dropped) and wait for it:
+        a daemon thread still inside torch when the interpreter exits aborts the process
+        ("terminate called without an active exception", seen once at a benchmark's exit)."""
         with self._cv:
             self._closed = True
             self._queue.clear()
             self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------------ the work
     def _run(self, work: PieceWork) -> None:

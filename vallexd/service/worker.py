@@ -1,10 +1,12 @@
 """The one model worker: a dedicated thread that owns the Engine and batches concurrent jobs.
 
-Why one thread: the model is big, a second copy would not fit many GPUs, and torch already
+Why one model thread: the model is big, a second copy would not fit many GPUs, and torch already
 uses every core.  The event loop never runs torch; it keeps a bounded deque of waiting jobs.
 The model thread runs a scheduling loop (vallexd.inference.scheduler): at each AR step boundary
 it takes waiting jobs while the batch has free rows (`max_batch`), turns them into rows, runs
-one batched AR step, and finishes rows that ended (NAR, vocoder).  Each piece's audio goes to
+one batched AR step, and hands rows that ended to the NAR stage (NAR, vocoder) — inline, or on
+the scheduler's second thread under `nar_thread` (vallexd.inference.nar_stage), which is then the
+only other thread that runs torch.  Each piece's audio goes to
 the job's `on_audio` as soon as it is made; the job's result is their concatenation.
 
 Job life: `run()` appends a Job to the waiting deque (over `queue_limit` waiting beyond the free
