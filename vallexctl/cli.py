@@ -145,6 +145,7 @@ def status() -> None:
             *_gpu_rows(result.get("device_info")),
             ("queue", f"{result.get('queue_depth')} waiting, {result.get('in_flight')} running, "
                       f"limit {result.get('queue_limit')}"),
+            ("batching", _batching(result)),
             ("cache", f"{cache.get('files', 0)} files, {format_size(int(cache.get('bytes') or 0))}"),
             ("presets", result.get("presets")),
             ("static url", result.get("static_url") or "off"),
@@ -156,6 +157,14 @@ def status() -> None:
             click.echo(f"{key + ':':16}{value}")
 
     emit(result, human)
+
+
+def _batching(status: dict[str, Any]) -> str:
+    """AR rows now and at most, torch threads, and where the NAR runs (--nar-thread)."""
+    nar = status.get("nar_thread")
+    where = "its own thread" if nar else "the model thread" if nar is False else "- (model not loaded)"
+    return (f"{status.get('batch_size', 0)} of {status.get('max_batch')} rows, {status.get('threads')} "
+            f"threads, NAR on {where}")
 
 
 def _model_state(status: dict[str, Any]) -> str:

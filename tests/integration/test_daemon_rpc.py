@@ -404,4 +404,5 @@ async def test_malformed_frame_message_is_fixed() -> None:
 def test_status_reports_the_configured_thread_count(daemon: DaemonProcess) -> None:
     status = daemon.call("status")
     assert status["threads"] == 1  # --threads 1 reached torch in the model thread
+    assert status["nar_thread"] is False  # --nar-thread auto: one thread is not shared
     assert status["device"] == "cpu" and status["dtype"] == "float32"

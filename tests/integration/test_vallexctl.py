@@ -166,6 +166,8 @@ def test_status_human_and_json(daemon: DaemonProcess) -> None:
     assert human.exit_code == 0 and "model:" in human.stdout and "loaded" in human.stdout
     as_json = ctl(daemon, "--json", "status")  # global position
     data = json.loads(as_json.stdout)
+    where = "its own thread" if data["nar_thread"] else "the model thread"
+    assert f"of {data['max_batch']} rows, {data['threads']} threads, NAR on {where}" in human.stdout
     assert data["pid"] == daemon.pid and data["protocol"] == 1
     assert json.loads(ctl(daemon, "status", "--json").stdout)["pid"] == daemon.pid  # per-command position
 
