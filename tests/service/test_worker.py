@@ -219,7 +219,7 @@ async def test_nar_thread_runs_a_finished_piece_while_the_other_rows_step(
         got = await asyncio.gather(long, short)
         for a, b in zip(got, alone, strict=True):
             np.testing.assert_array_equal(a, b)
-        assert set(nar.threads) == {"vallexd-nar"}
+        assert nar.threads[0] == "vallexd-nar"  # (the long piece's NAR may run on either thread)
         assert worker.in_flight == 0 and worker.batch_size == 0
     finally:
         nar.open.set()

@@ -17,7 +17,8 @@ Two modes:
 - threaded: one daemon thread works through the submitted pieces in order.  torch's intra-op
   thread count is per calling thread (OpenMP), so the two threads share the cores: while the AR
   batch has rows this thread uses `side_threads` and the AR thread the rest (`ar_threads()`);
-  while it is empty this thread takes them all.
+  a piece started while it is empty gets them all.  An AR thread with no rows takes waiting
+  pieces itself (`run_queued`), so no core idles behind a queue.
 """
 
 from __future__ import annotations
@@ -99,6 +100,29 @@ class NarStage:
     @property
     def has_completed(self) -> bool:
         return bool(self._done)
+
+    @property
+    def has_queued(self) -> bool:
+        """Pieces waiting while the NAR thread is on another one (see `run_queued`)."""
+        return self._working and bool(self._queue)
+
+    def run_queued(self) -> bool:
+        """Run the next waiting piece in the calling thread, if the NAR thread is busy with another;
+        False when there is none.
+
+        The scheduler calls this when its AR batch is empty: its cores would otherwise idle while
+        the NAR thread works through a queue (after a burst, every row ends at about the same time).
+        A piece the NAR thread is free to take is left to it: started there with no AR row
+        stepping, it gets all the cores.
+        """
+        with self._cv:
+            if not (self._working and self._queue):
+                return False
+            work = self._queue.popleft()
+        self._run(work)
+        with self._cv:
+            self._done.append(work)
+        return True
 
     @property
     def busy(self) -> bool:

@@ -127,7 +127,7 @@ class Scheduler:
         """Is there something to do without waiting: rows to step, pieces to start, or finished
         pieces to hand on?  (False while the only work left is on the NAR thread: wait for `wake`
         or call `wait()`.)"""
-        if self.batch.rows or self.stage.has_completed:
+        if self.batch.rows or self.stage.has_completed or self.stage.has_queued:
             return True
         return self.free > 0 and any(req.wants_row() for req in self.active)
 
@@ -170,10 +170,7 @@ class Scheduler:
         """One AR step for every row; rows that left go to the NAR stage, pieces it finished are
         handed on.  Returns the requests that ended (finished, or failed: `request.error`)."""
         self._finish_pieces(self.stage.completed())
-        threads = self.stage.ar_threads()  # share the cores with the NAR thread while it works
-        if threads != self._threads:
-            torch.set_num_threads(threads)  # this thread's OpenMP team only
-            self._threads = threads
+        self._share_cores()
         for row in self.batch.step():
             req: Request = row.owner[0]
             if row in req.rows:
@@ -187,8 +184,19 @@ class Scheduler:
                 self._to_nar(req, row)
             except Exception as exc:
                 self._fail(req, exc)
+        if not self.batch.rows and self.stage.has_queued:
+            # No row to step (schedule() admitted none): help the NAR thread with its queue.
+            self._share_cores()
+            self.stage.run_queued()
         self._finish_pieces(self.stage.completed())  # inline: this step's; threaded: any since
         return self._collect()
+
+    def _share_cores(self) -> None:
+        """This thread's torch threads: the rest of the cores while the NAR thread works, else all."""
+        threads = self.stage.ar_threads()
+        if threads != self._threads:
+            torch.set_num_threads(threads)  # this thread's OpenMP team only
+            self._threads = threads
 
     def fail_all(self, exc: Exception) -> list[Request]:
         for req in self.active:
