@@ -178,18 +178,21 @@ async def test_sliding_and_fixed_long_modes(engine: Any, nar_thread: str) -> Non
 class NarGate:
     """Holds `generate_nar` (wherever it runs) while closed; records the threads it ran on."""
 
-    def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch, fail: Any = None) -> None:
+    def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch, fail: Any = None,
+                 first_only: bool = False) -> None:
         self.real = engine.model.generate_nar
         self.open = threading.Event()
         self.entered = threading.Event()
         self.threads: list[str] = []
         self.fail = fail  # fail(x) -> an exception to raise for that piece's text, or None
+        self.first_only = first_only  # hold only the first call
         monkeypatch.setattr(engine.model, "generate_nar", self)
 
     def __call__(self, x: Any, *args: Any) -> Any:
         self.threads.append(threading.current_thread().name)
         self.entered.set()
-        assert self.open.wait(30), "gate never opened"
+        if len(self.threads) == 1 or not self.first_only:
+            assert self.open.wait(30), "gate never opened"
         err = self.fail(x) if self.fail is not None else None
         if err is not None:
             raise err
@@ -221,6 +224,28 @@ async def test_nar_thread_runs_a_finished_piece_while_the_other_rows_step(
             np.testing.assert_array_equal(a, b)
         assert nar.threads[0] == "vallexd-nar"  # (the long piece's NAR may run on either thread)
         assert worker.in_flight == 0 and worker.batch_size == 0
+    finally:
+        nar.open.set()
+        await worker.stop(1.0)
+
+
+async def test_model_thread_without_rows_takes_a_waiting_piece(engine: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rows end at the same step: one piece's NAR is held on the NAR thread, and the model
+    thread, with no row left to step, runs the other itself instead of waiting behind it."""
+    alone = await _alone_jobs(engine, [SHORT])
+    nar = NarGate(engine, monkeypatch, first_only=True)
+    worker = await _worker(engine, max_batch=2, nar_thread="on")
+    try:
+        first = asyncio.ensure_future(worker.run(*SHORT, timeout_s=60))
+        second = asyncio.ensure_future(worker.run(*SHORT, timeout_s=60))
+        done, _ = await asyncio.wait({first, second}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and nar.threads[0] == "vallexd-nar"  # one ended while the other is held
+        assert nar.threads[1].startswith("vallexd-model")
+        np.testing.assert_array_equal(done.pop().result(), alone[0])
+        nar.open.set()
+        for audio in await asyncio.gather(first, second):
+            np.testing.assert_array_equal(audio, alone[0])
     finally:
         nar.open.set()
         await worker.stop(1.0)

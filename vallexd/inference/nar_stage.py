@@ -61,8 +61,9 @@ class NarStage:
         wake: Callable[[], None] | None = None,
     ) -> None:
         """`engine`: has `.model.generate_nar` and `.decode`.  `ar_rows()`: rows in the AR batch now
-        (read from this thread to size its torch threads).  `wake()`: called after each completion
-        (from this thread), so a scheduler waiting for work can look again."""
+        (read from this thread to size its torch threads).  `wake()`: called from this thread after
+        each completion and when it starts a piece while others wait, so a scheduler waiting for
+        work looks again."""
         self.engine = engine
         self.threaded = threaded
         self._ar_rows = ar_rows
@@ -175,6 +176,9 @@ class NarStage:
                     return
                 work = self._queue.popleft()
                 self._working = True
+                more = bool(self._queue)
+            if more and self._wake is not None:
+                self._wake()  # a scheduler with no rows may take the next piece (run_queued)
             # All the cores while no AR row steps (nothing to share them with), else our share.
             want = self.side_threads if self._ar_rows() else self.total_threads
             if want != current:
