@@ -72,7 +72,7 @@ async def test_an_empty_piece_of_a_long_text_fails_the_request(tmp_path: Path, e
     from vallexd.inference.scheduler import Scheduler
 
     service = await started(make_config(tmp_path, None, long_budget=16), engine)
-    real = Scheduler._finish_piece
+    real = Scheduler._to_nar
     calls: list[int] = []
 
     def second_piece_silent(self: Any, req: Any, row: Any) -> Any:
@@ -81,7 +81,7 @@ async def test_an_empty_piece_of_a_long_text_fails_the_request(tmp_path: Path, e
             row.frames.clear()
         return real(self, req, row)
 
-    monkeypatch.setattr(Scheduler, "_finish_piece", second_piece_silent)
+    monkeypatch.setattr(Scheduler, "_to_nar", second_piece_silent)
     try:
         with pytest.raises(Internal) as info:
             await synth(service, {"text": "Go home now. Be very calm.", "language": "en", "seed": 3})
