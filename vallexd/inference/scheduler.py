@@ -136,8 +136,12 @@ class Scheduler:
         self.stage.wait(timeout)
 
     def close(self) -> None:
-        """Stop the NAR thread (pieces on it are dropped; their requests are failed or finished)."""
+        """Stop the NAR thread (pieces on it are dropped; their requests are failed or finished) and
+        give this thread back all its torch threads (a new Scheduler reads them as its total)."""
         self.stage.close()
+        if self._threads != self.stage.total_threads:
+            torch.set_num_threads(self.stage.total_threads)
+            self._threads = self.stage.total_threads
 
     def schedule(self, take: Callable[[], Request | None] | None = None) -> list[Request]:
         """Fill free rows at a step boundary: waiting pieces of running requests, new requests from
