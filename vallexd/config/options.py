@@ -154,32 +154,23 @@ def _device(value: Any) -> str:
     return text
 
 
-def _dtype(value: Any) -> str:
-    text = _string(value).lower()
-    if text not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
-    return text
+def _one_of(what: str, choices: Sequence[str],
+            case: Callable[[str], str] = str.lower) -> Callable[[Any], str]:
+    """A parser for a choice: `value` with `case` applied must be one of `choices`."""
+
+    def parse(value: Any) -> str:
+        text = case(_string(value))
+        if text not in choices:
+            raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
+        return text
+
+    return parse
 
 
-def _quantize(value: Any) -> str:
-    text = _string(value).lower()
-    if text not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantize mode {value!r}; use one of {', '.join(QUANTIZE_MODES)}")
-    return text
-
-
-def _nar_thread(value: Any) -> str:
-    text = _string(value).lower()
-    if text not in NAR_THREAD_MODES:
-        raise ValueError(f"unknown nar_thread mode {value!r}; use one of {', '.join(NAR_THREAD_MODES)}")
-    return text
-
-
-def _log_level(value: Any) -> str:
-    text = _string(value).upper()
-    if text not in LOG_LEVELS:
-        raise ValueError(f"unknown log level {value!r}; use one of {', '.join(LOG_LEVELS)}")
-    return text
+_dtype = _one_of("dtype", DTYPES)
+_quantize = _one_of("quantize mode", QUANTIZE_MODES)
+_nar_thread = _one_of("nar_thread mode", NAR_THREAD_MODES)
+_log_level = _one_of("log level", LOG_LEVELS, str.upper)
 
 
 def _str_list(value: Any, sep: str = ",") -> tuple[str, ...]:
