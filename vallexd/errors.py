@@ -183,6 +183,17 @@ def text_too_long(length: int, limit: int) -> TooLarge:
                     details={"field": "text", "limit": limit, "length": length})
 
 
+def cancelled_error() -> Timeout:
+    """The one CANCELLED error: the request's client went away (every transport and stage)."""
+    return Timeout("request cancelled: the client went away", reason="CANCELLED")
+
+
+def deadline_error(timeout_s: float) -> Timeout:
+    """The one DEADLINE error: a request ran past its `timeout_s` (request_timeout_s)."""
+    return Timeout(f"request ran past its deadline of {timeout_s:g} s", reason="DEADLINE",
+                   details={"timeout_s": timeout_s})
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel = 2  # a 1000-deep list is shown as [[...]], never recursed into
 _REPR.maxstring = _REPR.maxother = _REPR.maxlong = 40

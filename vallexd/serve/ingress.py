@@ -27,7 +27,7 @@ from typing import Any
 
 from vallexd import __version__
 from vallexd.config import Config
-from vallexd.errors import Busy, Timeout, Unavailable, VallexError
+from vallexd.errors import Busy, Timeout, Unavailable, VallexError, cancelled_error
 from vallexd.server.transport import consume_outcome, to_wire_error
 from vallexd.service.requests import SynthesisRequest, validate_synthesize
 from vallexd.service.result import SynthesisResult
@@ -125,7 +125,7 @@ class RemoteService(StorageApi):
             if not call.done():
                 response.cancel()
                 call.add_done_callback(consume_outcome)
-                raise Timeout("request cancelled: the client went away", reason="CANCELLED")
+                raise cancelled_error()
             return _answer(call.result())
         except asyncio.CancelledError:
             response.cancel()  # the replica drops the job (its cancelled event is set)

@@ -49,7 +49,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from vallexd import __version__
 from vallexd.constants import LANGUAGES, SAMPLE_RATE
-from vallexd.errors import InvalidArgument, Timeout, Unavailable, VallexError
+from vallexd.errors import InvalidArgument, Unavailable, VallexError, cancelled_error
 from vallexd.server.http_api import is_loopback
 from vallexd.server.metrics import Metrics
 from vallexd.server.transport import DrainGate, ServiceLike, log_safe, outcome, to_wire_error
@@ -222,7 +222,7 @@ class _Utterance:
                 await write(AudioStop(timestamp=offset_ms).event())
         except (ConnectionError, OSError, asyncio.CancelledError):
             self.cancelled.set()  # the client is gone: nothing to report to, nothing more to make
-            error = Timeout("request cancelled: the client went away", reason="CANCELLED")
+            error = cancelled_error()
             raise
         except Exception as exc:
             self.cancelled.set()  # the rest of a failed stream is not spoken

@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from vallexd.errors import Timeout
+from vallexd.errors import Timeout, cancelled_error
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Coalescer(Generic[T]):
                 gone.cancel()
         if run.task.done():
             return run.task.result()
-        raise Timeout("request cancelled: the client went away", reason="CANCELLED")
+        raise cancelled_error()
 
     def _leave(self, run: Run, waiter: _Waiter) -> bool:
         """Forget `waiter`; True if it was the last one and the run is now being stopped."""

@@ -39,21 +39,14 @@ from vallexd import __version__
 from vallexd.audio.encode import decode_wav_float, encode_audio
 from vallexd.config import Config
 from vallexd.constants import SAMPLE_RATE
-from vallexd.errors import Busy, Internal, InvalidArgument, Unavailable, VallexError
+from vallexd.errors import Busy, Internal, InvalidArgument, Unavailable, VallexError, deadline_error
 from vallexd.protocol import PROTOCOL_VERSION
 from vallexd.service.coalesce import Coalescer, Run
 from vallexd.service.requests import SynthesisRequest, validate_empty, validate_synthesize
 from vallexd.service.result import SynthesisResult
 from vallexd.service.storage_api import StorageApi
 from vallexd.service.stream import SynthesisStream
-from vallexd.service.text_stage import (
-    TextStage,
-    deadline_error,
-    long_mode,
-    model_input_digest,
-    raise_if_cancelled,
-    warm_text,
-)
+from vallexd.service.text_stage import TextStage, long_mode, model_input_digest, raise_if_cancelled, warm_text
 from vallexd.service.voices import VoiceMaker
 from vallexd.service.worker import AudioFn, ModelWorker, default_loader
 from vallexd.storage.cache import cache_key, relative_url_path

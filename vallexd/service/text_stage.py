@@ -20,7 +20,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from vallexd.config import Config
-from vallexd.errors import InvalidArgument, Timeout, VallexError
+from vallexd.errors import InvalidArgument, VallexError, cancelled_error, deadline_error
 from vallexd.service.requests import SynthesisRequest
 from vallexd.types import Piece
 
@@ -57,13 +57,7 @@ def warm_text() -> None:
 def raise_if_cancelled(cancelled: asyncio.Event | None) -> None:
     """Timeout(CANCELLED) once the client went away (its request's `cancelled` event is set)."""
     if cancelled is not None and cancelled.is_set():
-        raise Timeout("request cancelled: the client went away", reason="CANCELLED")
-
-
-def deadline_error(timeout_s: float) -> Timeout:
-    """Timeout(DEADLINE) of a request that ran past `request_timeout_s`."""
-    return Timeout(f"request ran past its deadline of {timeout_s:g} s", reason="DEADLINE",
-                   details={"timeout_s": timeout_s})
+        raise cancelled_error()
 
 
 class TextStage:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from vallexd.constants import NAR_THREAD_MODES
-from vallexd.errors import Busy, Internal, Timeout, Unavailable, VallexError
+from vallexd.errors import Busy, Internal, Timeout, Unavailable, VallexError, cancelled_error, deadline_error
 from vallexd.types import Piece, Sampling
 
 log = logging.getLogger(__name__)
@@ -249,9 +249,8 @@ class ModelWorker:
             return job.future.result()
         self._abandon(job)
         if cancelled is not None and cancelled.is_set():
-            raise Timeout("request cancelled: the client went away", reason="CANCELLED")
-        raise Timeout(f"request ran past its deadline of {timeout_s:g} s", reason="DEADLINE",
-                      details={"timeout_s": timeout_s})
+            raise cancelled_error()
+        raise deadline_error(timeout_s)
 
     def _abandon(self, job: Job) -> None:
         job.abandon.set()
