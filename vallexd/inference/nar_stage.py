@@ -24,7 +24,6 @@ Two modes:
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,7 +74,6 @@ class NarStage:
         self._done: deque[PieceWork] = deque()
         self._working = False
         self._closed = False
-        self.busy_s = 0.0  # seconds this stage spent computing (for metrics)
         self._thread: threading.Thread | None = None
         if threaded:
             self._thread = threading.Thread(target=self._loop, name="vallexd-nar", daemon=True)
@@ -85,7 +83,6 @@ class NarStage:
     def submit(self, work: PieceWork) -> None:
         if not self.threaded:
             self._run(work)
-            self._done.append(work)
             return
         with self._cv:
             self._queue.append(work)
@@ -121,8 +118,6 @@ class NarStage:
                 return False
             work = self._queue.popleft()
         self._run(work)
-        with self._cv:
-            self._done.append(work)
         return True
 
     @property
@@ -155,7 +150,7 @@ class NarStage:
 
     # ------------------------------------------------------------------ the work
     def _run(self, work: PieceWork) -> None:
-        started = time.monotonic()
+        """Compute one piece (in whichever thread calls) and put it with the completed ones."""
         try:
             work.codes = self.engine.model.generate_nar(work.x, work.langs, work.prompt_codes, work.codes0,
                                                         work.should_stop)
@@ -163,8 +158,9 @@ class NarStage:
             work.audio = np.asarray(audio, dtype=np.float32)
         except Exception as exc:  # Cancelled, NonFiniteLogits, out of memory, a vocoder failure...
             work.error = exc
-        finally:
-            self.busy_s += time.monotonic() - started
+        with self._cv:
+            self._done.append(work)
+            self._cv.notify_all()
 
     def _loop(self) -> None:
         current = 0
@@ -187,7 +183,5 @@ class NarStage:
             self._run(work)
             with self._cv:
                 self._working = False
-                self._done.append(work)
-                self._cv.notify_all()
             if self._wake is not None:
                 self._wake()
