@@ -354,20 +354,7 @@ class ModelWorker:
 
         sched = new_scheduler()
         try:
-            while True:
-                with self._cv:
-                    waited = time.monotonic()
-                    while sched.idle and not self._waiting and not self._stopping:
-                        self._rows = 0
-                        self._cv.wait()
-                    if not (sched.idle or sched.has_work or self._waiting or self._stopping):
-                        # Only the NAR thread has work: until it hands a piece back (_wake) or a
-                        # new job comes; at most 0.5 s, so cancelled requests are still polled.
-                        self._cv.wait(0.5)
-                    if self._stopping and sched.idle:
-                        return
-                if not sched.idle:  # waiting for the NAR thread is model time too
-                    self.busy_s += time.monotonic() - waited
+            while self._wait_for_work(sched):
                 started = time.monotonic()
                 try:
                     ended = sched.schedule(self._take)
@@ -389,6 +376,24 @@ class ModelWorker:
                     self._finish(req.tag, req.error, None if req.error is not None else req.result())
         finally:
             sched.close()
+
+    def _wait_for_work(self, sched: Any) -> bool:
+        """Model thread, between passes: sleep while there is nothing to do; False once stopping
+        with nothing left."""
+        with self._cv:
+            waited = time.monotonic()
+            while sched.idle and not self._waiting and not self._stopping:
+                self._rows = 0
+                self._cv.wait()
+            if not (sched.idle or sched.has_work or self._waiting or self._stopping):
+                # Only the NAR thread has work: until it hands a piece back (_wake) or a new job
+                # comes; at most 0.5 s, so cancelled requests are still polled.
+                self._cv.wait(0.5)
+            if self._stopping and sched.idle:
+                return False
+        if not sched.idle:  # waiting for the NAR thread is model time too
+            self.busy_s += time.monotonic() - waited
+        return True
 
     # ------------------------------------------------------------------ on the loop
     def _deliver(self, job: Job, fn: Callable[..., None], *args: Any) -> None:
