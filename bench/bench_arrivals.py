@@ -16,45 +16,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_serving import build_engine, cpu_features, make_requests  # noqa: E402
+from bench_serving import build_engine, concurrent, cpu_features  # noqa: E402
 
 
-async def stream(engine: Any, *, n: int, gap: float, max_batch: int, nar_thread: str) -> dict[str, float]:
+async def stream(engine: Any, *, n: int, gap: float, max_batch: int, nar_thread: str) -> dict[str, Any]:
     """n requests, request k sent at k x gap s; returns wall, throughput and latencies."""
     from vallexd.service.worker import ModelWorker
-    from vallexd.types import Sampling
 
     worker = ModelWorker(lambda: engine, queue_limit=4 * n, max_batch=max_batch, nar_thread=nar_thread)
     await worker.start()
-    latencies: list[float] = []
-
-    async def one(k: int, pieces: list[Any], prompt: Any) -> float:
-        await asyncio.sleep(k * gap)
-        sent = time.perf_counter()
-        audio = await worker.run(pieces, prompt, Sampling(top_k=1, seed=k), timeout_s=7200)
-        latencies.append(time.perf_counter() - sent)
-        return len(audio) / 24000
-
     try:
-        started = time.perf_counter()
-        requests = make_requests(n, True, 77)
-        audio_s = await asyncio.gather(*(one(k, p, pr) for k, (p, pr) in enumerate(requests)))
-        wall = time.perf_counter() - started
+        row = await concurrent(worker, n, True, gap=gap, seed=77)
     finally:
         await worker.stop(5.0)
-    latencies.sort()
-    return {"wall": wall, "throughput": sum(audio_s) / wall, "mean": statistics.mean(latencies),
-            "p90": latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
-            "nar_thread": bool(worker.nar_thread)}
+    return {**row, "nar_thread": bool(worker.nar_thread)}
 
 
 def main() -> None:

@@ -128,24 +128,28 @@ def ten_sentences(seed: int) -> tuple[list[Any], Any, list[Any]]:
     return [(p, "en") for p in pieces], prompt, [(sent[0], "en")]
 
 
-async def concurrent(worker: Any, n: int, quick: bool) -> dict[str, Any]:
-    """N distinct requests at once through `worker`: throughput and latencies."""
+async def concurrent(worker: Any, n: int, quick: bool, *, gap: float = 0.0,
+                     seed: int | None = None) -> dict[str, Any]:
+    """N distinct requests through `worker`, request k sent at k x `gap` s (all at once by
+    default): throughput and latencies (each from its request's sending to its result)."""
     from vallexd.types import Sampling
 
-    reqs = make_requests(n, quick, seed=100 + n)
+    reqs = make_requests(n, quick, seed=100 + n if seed is None else seed)
     lat: list[float] = []
     t0, c0 = time.perf_counter(), time.process_time()
 
     async def one(pieces: list[Any], prompt: Any, k: int) -> float:
+        await asyncio.sleep(k * gap)
+        sent = time.perf_counter()
         audio = await worker.run(pieces, prompt, Sampling(top_k=1, seed=k), timeout_s=7200, long_mode="fixed")
-        lat.append(time.perf_counter() - t0)
+        lat.append(time.perf_counter() - sent)
         return len(audio) / 24000
 
     audio_s = await asyncio.gather(*(one(p, pr, k) for k, (p, pr) in enumerate(reqs)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"n": n, "throughput": sum(audio_s) / wall, "p50": statistics.median(lat),
-            "p90": float(np.percentile(lat, 90)), "audio_s": sum(audio_s), "wall": wall,
-            "cpu_per_audio_s": cpu / sum(audio_s)}
+            "p90": float(np.percentile(lat, 90)), "mean": statistics.mean(lat), "audio_s": sum(audio_s),
+            "wall": wall, "cpu_per_audio_s": cpu / sum(audio_s)}
 
 
 async def time_to_first_audio(worker: Any) -> dict[str, float]:
