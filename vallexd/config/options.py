@@ -258,8 +258,8 @@ OPTIONS: tuple[Option, ...] = (
            "full model: ~55-180 MB for a typical row)", metavar="N"),
     Option("nar_thread", "nar_thread", _nar_thread,
            "run the NAR stages and the vocoder of finished rows on a second thread while the AR batch "
-           "steps, the CPU cores shared between them: auto (on for a CPU model with 2+ threads and "
-           "max_batch > 1), on or off (see bench/bench_two_cores.py)", metavar="MODE"),
+           "steps, the CPU cores shared between them: auto (on for an eager CPU model with 2+ threads and "
+           "max_batch > 1), on or off (measured: bench/bench_arrivals.py)", metavar="MODE"),
     Option("compile", "compile", _bool,
            "apply torch.compile to the model at start, before READY (the log gives the compile time)", "on"),
     Option("http_host", "http_host", _string, "address of the optional HTTP API", metavar="HOST"),
