@@ -142,7 +142,8 @@ class IngressDeployment:
             await self.http.wait_idle(grace_s)
 
     async def __del__(self) -> None:
-        await self.drain(self.grace_s)
+        if self.http is not None and not self.http.gate.draining:  # else _stop_app drained it already
+            await self.drain(self.grace_s)
         if self.http is not None:
             await self.http.stop()
             self.http = None
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     if stop.is_set():
         ray.shutdown()
-        return _stopped_early(local=False)
+        return _stopped_early(deployed=False)
     try:
         missing = _missing_resources(config, ray.cluster_resources())
         if missing and config.ray_address is None:
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  stop, APP_START_TIMEOUT_S)
         if not started:
             if stop.is_set():
-                return _stopped_early(local=config.ray_address is None)
+                return _stopped_early(deployed=True, local=config.ray_address is None)
             cause = _start_failure(handle) if handle is not None else \
                 f"not ready within {APP_START_TIMEOUT_S:.0f} s (the replicas' log above says why)"
             _stop_app(None, local=config.ray_address is None, grace_s=0, timeout_s=STOP_SLACK_S)
@@ -322,10 +323,12 @@ def _start_failure(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or ["unknown error"])[0]
 
 
-def _stopped_early(local: bool) -> int:
+def _stopped_early(*, deployed: bool, local: bool = False) -> int:
+    """A signal before READY: exit 0; an application being deployed is deleted first (on a cluster
+    too, or its actors would hold the port and the GPUs after we are gone)."""
     print("vallexd-ray: stopped before it was ready", file=sys.stderr, flush=True)
-    if local:
-        _stop_app(None, local=True, grace_s=0, timeout_s=STOP_SLACK_S)
+    if deployed:
+        _stop_app(None, local=local, grace_s=0, timeout_s=STOP_SLACK_S)
     return EXIT_OK
 
 
@@ -339,8 +342,11 @@ def _stop_app(ingress: Any, *, local: bool, grace_s: float, timeout_s: float) ->
 
     def stop() -> None:
         if ingress is not None:
-            with contextlib.suppress(Exception):
+            try:
                 ingress.drain.remote(grace_s).result(timeout_s=grace_s + 5)
+            except Exception as exc:  # requests in progress are cut off by the delete: say so
+                print(f"vallexd-ray: warning: the ingress did not drain ({exc}); stopping anyway",
+                      file=sys.stderr, flush=True)
         serve.delete(APP_NAME)
         if local:
             serve.shutdown()
