@@ -33,7 +33,7 @@ from vallexd.service.requests import SynthesisRequest, validate_synthesize
 from vallexd.service.result import SynthesisResult
 from vallexd.service.storage_api import StorageApi
 from vallexd.service.stream import EncodedChunk
-from vallexd.storage.cache import relative_url_path
+from vallexd.storage.cache import static_url
 
 log = logging.getLogger("vallexd.serve.ingress")
 
@@ -48,8 +48,6 @@ def from_ray(exc: BaseException, context: str) -> VallexError:
     from ray import exceptions as ray_errors
     from ray.serve import exceptions as serve_errors
 
-    if isinstance(exc, VallexError):
-        return exc
     if isinstance(exc, serve_errors.BackPressureError):
         return Busy("every replica is busy and the cluster queue is full; retry later", reason="QUEUE_FULL")
     if isinstance(exc, (serve_errors.RequestCancelledError, ray_errors.TaskCancelledError)):
@@ -89,7 +87,7 @@ class RemoteService(StorageApi):
 
     async def start(self) -> None:
         """Wait for a replica to answer (the model identity, for /health), then watch the count."""
-        await asyncio.to_thread(self.presets.rescan)
+        await self.rescan_presets()
         health = await self._call("health", None)
         self.model_identity = health.get("model_identity")
         self.running_replicas = max(self.running_replicas, 1)
@@ -117,7 +115,7 @@ class RemoteService(StorageApi):
             if cancelled is None:
                 return _answer(await response)
             waiter = asyncio.ensure_future(cancelled.wait())
-            call = asyncio.ensure_future(_await(response))
+            call = asyncio.ensure_future(response)  # a DeploymentResponse is awaitable
             try:
                 await asyncio.wait({call, waiter}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -138,7 +136,7 @@ class RemoteService(StorageApi):
                          cancelled: asyncio.Event | None = None, on_audio: Any = None) -> SynthesisResult:
         result: SynthesisResult = await self._call("synthesize", params, cancelled)
         if self.static_base_url and result.path is not None:
-            result.url = f"{self.static_base_url.rstrip('/')}/{relative_url_path(result.cache_key)}"
+            result.url = static_url(self.static_base_url, result.cache_key)
         return result
 
     def synthesize_stream(self, params: dict[str, Any], *, progress: Any = None,
@@ -176,10 +174,6 @@ class RemoteService(StorageApi):
     def health(self) -> dict[str, Any]:
         return {"version": __version__, "model_loaded": self.running_replicas > 0,
                 "model_identity": self.model_identity, "draining": self._draining}
-
-
-async def _await(response: Any) -> Any:
-    return await response
 
 
 def _running_replicas() -> int:

@@ -16,28 +16,17 @@ coroutine; `synthesize_cancellable` and `SynthesisStream` turn that into the ser
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from vallexd.config import Config
-from vallexd.errors import Unavailable, VallexError
+from vallexd.errors import Unavailable
 from vallexd.server.transport import synthesize_cancellable, to_wire_error
 from vallexd.service.service import Service
 
 log = logging.getLogger("vallexd.serve.replica")
-
-#: What the ingress may ask of a replica through `call` (the rest is answered by the ingress itself).
-METHODS = ("synthesize", "presets_create", "status", "health")
-
-
-def replica_config(config: Config) -> Config:
-    """The replica's view of the shared config: no transports of its own (the ingress serves HTTP;
-    a replica's static server would be one per replica)."""
-    return dataclasses.replace(config, http_port=None, static_enabled=False, wyoming_uri=None)
-
 
 class ReplicaServer:
     """The replica deployment's class (wrapped by `serve.deployment` in vallexd.serve.ray).
@@ -48,38 +37,42 @@ class ReplicaServer:
     """
 
     def __init__(self, config: Config, service: Service | None = None, name: str | None = None) -> None:
-        self.config = replica_config(config)
-        self.service = service if service is not None else Service(self.config, shared=True)
+        # The Service starts no transports: the ingress serves HTTP and the static files.
+        self.service = service if service is not None else Service(config, shared=True)
         self.name = name if name is not None else _replica_name()
-        self._started = False
+        #: What the ingress may ask through `call` (the rest it answers itself).
+        self._methods = {"synthesize": self._synthesize, "presets_create": self._presets_create,
+                         "status": self._status, "health": self._health}
 
     async def start(self) -> None:
         await self.service.start()
-        self._started = True
         log.info("replica %s ready (pid %d)", self.name, os.getpid())
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """One request: {"ok": value} or {"error": wire error}."""
         try:
-            if method not in METHODS:
+            handler = self._methods.get(method)
+            if handler is None:
                 raise Unavailable(f"replicas do not answer {method!r}", reason="BAD_METHOD")
-            return {"ok": await self._call(method, params)}
+            return {"ok": await handler(params)}
         except Exception as exc:
             return {"error": to_wire_error(exc, f"replica {method}").to_wire()}
 
-    async def _call(self, method: str, params: dict[str, Any] | None) -> Any:
-        service = self.service
-        if method == "synthesize":
-            result = await synthesize_cancellable(service, params or {})
-            result.replica = self.name
-            return result
-        if method == "presets_create":
-            return await service.presets_create(params or {})
-        if method == "status":
-            status = await service.status(params)
-            status["replica"] = {"id": self.name, "pid": os.getpid()}
-            return status
-        return {**service.health(), "replica": self.name}
+    async def _synthesize(self, params: dict[str, Any] | None) -> Any:
+        result = await synthesize_cancellable(self.service, params or {})
+        result.replica = self.name
+        return result
+
+    async def _presets_create(self, params: dict[str, Any] | None) -> Any:
+        return await self.service.presets_create(params or {})
+
+    async def _status(self, params: dict[str, Any] | None) -> Any:
+        status = await self.service.status(params)
+        status["replica"] = {"id": self.name, "pid": os.getpid()}
+        return status
+
+    async def _health(self, params: dict[str, Any] | None) -> Any:
+        return {**self.service.health(), "replica": self.name}
 
     async def stream(self, params: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """A streamed synthesis: ("replica", name), ("chunk", EncodedChunk)..., then ("result",
@@ -92,16 +85,14 @@ class ReplicaServer:
             assert stream.result is not None
             stream.result.replica = self.name
             yield "result", stream.result
-        except VallexError as exc:
-            yield "error", exc.to_wire()
-        except Exception as exc:
+        except Exception as exc:  # a VallexError keeps its code; a bug becomes INTERNAL, logged
             yield "error", to_wire_error(exc, "replica stream").to_wire()
 
     async def check_health(self) -> None:
         """Ray's periodic probe: a replica whose model is gone (a fatal accelerator error) is
         replaced by a fresh one."""
         health = self.service.health()
-        if self._started and not health["model_loaded"] and not health["draining"]:
+        if self.service.state == "ready" and not health["model_loaded"]:
             raise RuntimeError("the model is not loaded (the model worker failed); restart this replica")
 
     async def stop(self, grace_s: float) -> None:

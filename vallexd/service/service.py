@@ -49,7 +49,7 @@ from vallexd.service.stream import SynthesisStream
 from vallexd.service.text_stage import TextStage, long_mode, model_input_digest, raise_if_cancelled, warm_text
 from vallexd.service.voices import VoiceMaker
 from vallexd.service.worker import AudioFn, ModelWorker, default_loader
-from vallexd.storage.cache import cache_key, relative_url_path
+from vallexd.storage.cache import cache_key, static_url
 from vallexd.storage.presets import Preset
 from vallexd.storage.wav import duration_s, wav_bytes, wav_duration_s
 from vallexd.types import Piece, Sampling
@@ -161,7 +161,7 @@ class Service(StorageApi):
     async def start(self) -> None:
         """Index presets and load the model; raises Unavailable(MODEL_LOAD_FAILED) if it cannot."""
         self._state = "loading"
-        await asyncio.to_thread(self.presets.rescan)
+        await self.rescan_presets()
         await self.worker.start()
         self._state = "running"
         if self._warm_up:
@@ -481,7 +481,7 @@ class Service(StorageApi):
         (None for `return: path`, or when the audio was streamed through on_audio)."""
         url = None
         if self.static_base_url and path is not None:
-            url = f"{self.static_base_url.rstrip('/')}/{relative_url_path(key)}"
+            url = static_url(self.static_base_url, key)
         rate = self._sample_rate()
         audio = data if req.return_mode == "audio" and not streamed else None
         if audio is not None and (req.format != "wav" or req.speed != 1.0):

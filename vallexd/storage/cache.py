@@ -66,6 +66,11 @@ def check_key(key: str) -> str:
     return key
 
 
+def static_url(base_url: str, key: str) -> str:
+    """The URL of cache entry `key` on the static file server at `base_url`."""
+    return f"{base_url.rstrip('/')}/{relative_url_path(key)}"
+
+
 def relative_url_path(key: str) -> str:
     """URL path of an entry below the static server's root, e.g. 'ab/ab12...ef.wav'."""
     check_key(key)
