@@ -118,31 +118,40 @@ class PresetStore:
         return paths
 
     def rescan(self) -> int:
-        """Rebuild the index from disk; returns the number of presets. Also sweeps temp leftovers."""
+        """Rebuild the index from disk (at start, SIGHUP); returns the number of presets. Also
+        sweeps temp leftovers."""
         with self._lock:
             self._sweep_leftovers()
-            self._seen = self._folder_stamps()
-            self.skipped = []
-            index: dict[str, Preset] = {}
-            for folder in self.dirs:
-                for path in self._candidates(folder):
-                    name = _stem_name(path)
-                    if name in index:  # an earlier folder wins
-                        continue
-                    preset = self._load(path)
-                    if preset is not None:
-                        index[name] = preset
-            self._index = index
-            log.info("presets: %d loaded from %s", len(index), ", ".join(map(str, self.dirs)))
-            return len(index)
+            return self._reindex()
 
     def refresh(self) -> bool:
-        """Rescan if a folder changed since the index was built (an install, removal or rename by
-        another process changes the folder's mtime); True if it rescanned. One stat per folder."""
+        """Re-read the folders if one changed since the index was built (an install, removal or
+        rename by another process changes the folder's mtime); True if it did. One stat per folder;
+        two requests that notice the same change re-read once."""
         if self._folder_stamps() == self._seen:
             return False
-        self.rescan()
+        with self._lock:
+            if self._folder_stamps() == self._seen:  # another thread re-read it meanwhile
+                return False
+            self._reindex()
         return True
+
+    def _reindex(self) -> int:
+        """Load every preset of the folders into a new index (with `_lock` held)."""
+        self._seen = self._folder_stamps()
+        self.skipped = []
+        index: dict[str, Preset] = {}
+        for folder in self.dirs:
+            for path in self._candidates(folder):
+                name = _stem_name(path)
+                if name in index:  # an earlier folder wins
+                    continue
+                preset = self._load(path)
+                if preset is not None:
+                    index[name] = preset
+        self._index = index
+        log.info("presets: %d loaded from %s", len(index), ", ".join(map(str, self.dirs)))
+        return len(index)
 
     def _folder_stamps(self) -> tuple[int | None, ...]:
         stamps = []
