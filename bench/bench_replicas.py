@@ -58,9 +58,19 @@ def start(command: list[str], ready: str, log: Path) -> tuple[subprocess.Popen[b
     while not found and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     if not found:
-        proc.kill()
+        stop(proc)
         raise SystemExit(f"server did not start; see {log}")
     return proc, found[0]
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM first (vallexd-ray then stops its local Ray instance too), SIGKILL if it hangs."""
+    proc.terminate()
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def daemon_url(socket: Path) -> str:
@@ -123,19 +133,23 @@ def main() -> None:
                   "--cache-dir", str(folder / "cache"), "--presets-dir", str(folder / "presets"),
                   "--device", "cpu", "--threads", "1", "--http-port", "0", "--no-static",
                   "--log-level", "warning"]
-        if kind == "daemon":
-            command = [sys.executable, "-m", "vallexd", "--socket", str(folder / "d.sock"), *common]
-            proc = subprocess.Popen(command, stdout=(folder / "log").open("wb"), stderr=subprocess.STDOUT)
-            url = daemon_url(folder / "d.sock")
-        else:
-            command = [sys.executable, "-m", "vallexd.serve.ray", *common, "--ray-replicas", str(replicas),
-                       "--ray-replica-cpus", "1"]
-            proc, line = start(command, "vallexd-ray: READY", folder / "log")
-            url = line.split()[-1]
-        measure(url, 1, first=1000)  # warm-up: the text front end's dictionaries, first allocations
-        result = measure(url, args.requests)
-        proc.terminate()
-        proc.wait(120)
+        proc: subprocess.Popen[bytes] | None = None
+        try:  # a failed request or start must not leave a daemon or a Ray instance running
+            if kind == "daemon":
+                command = [sys.executable, "-m", "vallexd", "--socket", str(folder / "d.sock"), *common]
+                with (folder / "log").open("wb") as log:
+                    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                url = daemon_url(folder / "d.sock")
+            else:
+                command = [sys.executable, "-m", "vallexd.serve.ray", *common, "--ray-replicas",
+                           str(replicas), "--ray-replica-cpus", "1"]
+                proc, line = start(command, "vallexd-ray: READY", folder / "log")
+                url = line.split()[-1]
+            measure(url, 1, first=1000)  # warm-up: the text front end's dictionaries, first allocations
+            result = measure(url, args.requests)
+        finally:
+            if proc is not None:
+                stop(proc)
         rows.append((kind, replicas or 1, result))
     base = next(r for k, n, r in rows if k == "ray" and n == 1)["audio_per_s"]
     print(f"{'server':8} {'replicas':>8} {'audio_s':>8} {'wall_s':>8} {'audio/s':>8} {'thru_x':>7}")
