@@ -94,10 +94,6 @@ def atomic_write(path: Path, data: bytes, mode: int = _FILE_MODE) -> None:
     fsutil.atomic_write(path, data, mode=mode, prefix=TMP_PREFIX, suffix=TMP_SUFFIX)
 
 
-def _is_temp(name: str) -> bool:
-    return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX)
-
-
 @dataclass(frozen=True)
 class Entry:
     path: Path
@@ -133,8 +129,7 @@ class ResultCache:
     def sweep_leftovers(self) -> int:
         """Remove temp files a crash left behind; returns how many. Only at start (we own the dir,
         or with `shared`, only old ones: see the module docstring)."""
-        age = fsutil.SHARED_LEFTOVER_AGE_S if self.shared else 0.0
-        removed = sum(fsutil.sweep_temp_files(folder, _is_temp, older_than_s=age)
+        removed = sum(fsutil.sweep_temp_files(folder, TMP_PREFIX, TMP_SUFFIX, shared=self.shared)
                       for folder in [self.root, *self._shards()])
         if removed:
             log.info("cache: swept %d leftover temp file(s) in %s", removed, self.root)

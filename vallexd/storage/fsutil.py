@@ -28,17 +28,18 @@ _CHUNK = 1 << 20
 SHARED_LEFTOVER_AGE_S = 3600.0
 
 
-def sweep_temp_files(folder: Path, is_temp: Callable[[str], bool], *, older_than_s: float = 0.0) -> int:
-    """Remove the files in `folder` whose names `is_temp` accepts and that were last modified more
-    than `older_than_s` seconds ago (0: all of them); returns how many. A missing folder is empty.
+def sweep_temp_files(folder: Path, prefix: str, suffix: str, *, shared: bool = False) -> int:
+    """Remove the temp files `atomic_write(..., prefix=, suffix=)` left in `folder` (a crash
+    mid-write); returns how many. A missing folder is empty.
 
-    Sole owners of a folder sweep everything at start; processes sharing one (Ray replicas on a
-    shared cache) pass SHARED_LEFTOVER_AGE_S so they never delete a write in progress elsewhere.
+    A sole owner of the folder removes them all; with `shared` (Ray replicas on one cache or
+    presets folder) only those older than SHARED_LEFTOVER_AGE_S, never a write in progress elsewhere.
     """
+    older_than_s = SHARED_LEFTOVER_AGE_S if shared else 0.0
     cutoff = time.time() - older_than_s
     try:
         with os.scandir(folder) as it:
-            leftovers = [e.path for e in it if is_temp(e.name)]
+            leftovers = [e.path for e in it if e.name.startswith(prefix) and e.name.endswith(suffix)]
     except FileNotFoundError:
         return 0
     removed = 0

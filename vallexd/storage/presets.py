@@ -28,7 +28,7 @@ from vallexd.errors import AlreadyExists, NotFound, PermissionDenied, TooLarge, 
 from vallexd.service.requests import is_valid_name, validate_name
 from vallexd.storage import prompts
 from vallexd.storage.cache import os_error
-from vallexd.storage.fsutil import SHARED_LEFTOVER_AGE_S, atomic_write, fsync_dir, sweep_temp_files
+from vallexd.storage.fsutil import atomic_write, fsync_dir, sweep_temp_files
 from vallexd.voices.audio import KEPT_AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ class Preset:
 def _stem_name(path: Path) -> str:
     """The preset name of a file: its stem, NFC-normalised (macOS writes names decomposed)."""
     return unicodedata.normalize("NFC", path.name[: -len(SUFFIX)])
-
-
-def _is_temp(name: str) -> bool:
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 class PresetStore:
@@ -164,8 +160,7 @@ class PresetStore:
 
     def _sweep_leftovers(self) -> None:
         """Remove temp files a crash in `fsutil.atomic_write` (via `save_prompt`) left in the install dir."""
-        removed = sweep_temp_files(self.install_dir, _is_temp,
-                                   older_than_s=SHARED_LEFTOVER_AGE_S if self.shared else 0.0)
+        removed = sweep_temp_files(self.install_dir, ".", ".tmp", shared=self.shared)
         if removed:
             log.info("presets: removed %d leftover temp file(s) in %s", removed, self.install_dir)
 
