@@ -101,11 +101,17 @@ class RemoteService(StorageApi):
                 await self._watcher
 
     async def _watch(self) -> None:
+        failures = 0
         while True:
             try:
                 self.running_replicas = await asyncio.to_thread(_running_replicas)
+                failures = 0
             except Exception as exc:  # the controller restarting: keep the last count
-                log.debug("replica count unavailable: %s", exc)
+                failures += 1
+                # Once it lasts (three polls), say so: /health now answers from a stale count.
+                log.log(logging.WARNING if failures == 3 else logging.DEBUG,
+                        "replica count unavailable (%d polls); /health keeps the last count: %s",
+                        failures, exc)
             await asyncio.sleep(WATCH_INTERVAL_S)
 
     async def _call(self, method: str, params: dict[str, Any] | None,
