@@ -258,9 +258,12 @@ def test_ctrl_c_during_fetch_says_rerun_resumes(tmp_path: Path) -> None:
     silent = socket.socket()  # accepts, never answers: the download waits
     silent.bind(("127.0.0.1", 0))
     silent.listen(4)
+    # As at a terminal: Ctrl-C's signal is not ignored (a runner started in the background with
+    # `&` or nohup ignores SIGINT, and a child inherits that, so Python would never see it).
     proc = subprocess.Popen([VALLEXCTL, "models", "fetch", "--base-url",
                              f"http://127.0.0.1:{silent.getsockname()[1]}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=user.env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=user.env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         conn, _ = silent.accept()  # the request arrived
         proc.send_signal(signal.SIGINT)
